@@ -1,0 +1,11 @@
+"""Root pytest configuration.
+
+Eight simulated CPU devices for the sharding tests: XLA reads this flag once, when JAX starts, so
+it is set here, before any test module imports JAX. Tests on one device are unaffected.
+"""
+
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()

@@ -1,0 +1,14 @@
+"""jsoftmax: the stable, masked, jitted softmax for JAX, with hand-written VJPs."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._softmax import log_softmax as log_softmax
+from ._softmax import logsumexp as logsumexp
+from ._softmax import softmax as softmax
+
+try:
+    __version__ = version("jsoftmax")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__", "log_softmax", "logsumexp", "softmax"]

@@ -1,0 +1,316 @@
+"""Stable softmax, log_softmax and logsumexp with hand-written VJPs.
+
+Each public function validates its arguments once, normalises the axes to a sorted tuple of
+non-negative ints (so equal calls share one compilation) and calls a function jitted here. The
+differentiable core of each is a ``jax.custom_vjp`` that saves exactly one array for the backward
+pass: the output (softmax, log_softmax) or the probabilities (logsumexp, whose output is reduced).
+
+Numerics, shared by all three:
+
+* bf16 / f16 (and other sub-32-bit floats) are computed in float32 and rounded once at the end.
+* Masked entries (``where`` False) are -inf; -inf entries behave as masked ones.
+* A slice with no unmasked finite-or-+inf entry sums to zero: softmax 0, log_softmax -inf,
+  logsumexp -inf, gradient 0 (never NaN).
+* A +inf entry wins its slice (the limit as that logit grows): the +inf entries share the mass
+  equally, everything else gets 0; logsumexp is +inf.
+* NaN in a slice makes that slice NaN; other slices are untouched.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._validation import as_mask, check_input, normalize_axes
+
+Axes = tuple[int, ...]
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    """float32 for sub-32-bit floats (bf16, f16, f8), the dtype itself otherwise."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _masked_input(x: jax.Array, where: jax.Array | None) -> jax.Array:
+    """x in its compute dtype, with masked entries set to -inf."""
+    compute = x.astype(_compute_dtype(x.dtype))
+    if where is None:
+        return compute
+    return jnp.where(where, compute, -jnp.inf)
+
+
+def _shift_and_sum(
+    logits: jax.Array, axes: Axes
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """The pieces every function needs: (row_max, shifted, sum_exp, safe_sum).
+
+    ``shifted = logits - shift`` with a shift that is constant under differentiation. The shift is
+    the slice maximum when finite and 0 otherwise, so a fully masked slice stays -inf (not
+    ``-inf - -inf = NaN``) and a NaN slice stays NaN. ``safe_sum`` is ``sum_exp`` with 0 (fully
+    masked slices only: otherwise the maximum contributes exp(0) = 1) replaced by 1.
+    """
+    row_max = lax.stop_gradient(jnp.max(logits, axis=axes, keepdims=True, initial=-jnp.inf))
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    shifted = logits - shift
+    # Slices holding +inf take the limit: +inf entries -> 0, all others -> -inf.
+    shifted = jnp.where(
+        row_max == jnp.inf, jnp.where(logits == jnp.inf, 0.0, -jnp.inf), shifted
+    ).astype(logits.dtype)
+    sum_exp = jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True)
+    safe_sum = jnp.where(sum_exp == 0, 1, sum_exp)
+    return row_max, shifted, sum_exp, safe_sum
+
+
+# --------------------------------------------------------------------------------------------
+# softmax
+
+
+def _softmax_fwd(x: jax.Array, where: jax.Array | None, axes: Axes) -> tuple[jax.Array, jax.Array]:
+    _, shifted, _, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+    probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype)
+    return probs, probs
+
+
+def _softmax_bwd(axes: Axes, probs: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None]:
+    compute = _compute_dtype(probs.dtype)
+    y = probs.astype(compute)
+    # Positions with probability 0 (masked) neither receive nor pass on gradient, even when the
+    # incoming cotangent there is inf or NaN.
+    g = jnp.where(probs == 0, 0, cotangent.astype(compute))
+    grad = y * (g - jnp.sum(g * y, axis=axes, keepdims=True))
+    return grad.astype(probs.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+    return _softmax_fwd(x, where, axes)[0]
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# log_softmax
+
+
+def _log_softmax_fwd(
+    x: jax.Array, where: jax.Array | None, axes: Axes
+) -> tuple[jax.Array, jax.Array]:
+    _, shifted, _, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+    # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
+    # x - (m + log(sum)) loses at large |x|.
+    log_probs = (shifted - jnp.log(safe_sum)).astype(x.dtype)
+    return log_probs, log_probs
+
+
+def _log_softmax_bwd(
+    axes: Axes, log_probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    compute = _compute_dtype(log_probs.dtype)
+    y = log_probs.astype(compute)
+    # Masked (-inf) outputs are constants: their cotangent must not reach the sum.
+    g = jnp.where(log_probs == -jnp.inf, 0, cotangent.astype(compute))
+    grad = g - jnp.exp(y) * jnp.sum(g, axis=axes, keepdims=True)
+    return grad.astype(log_probs.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+    return _log_softmax_fwd(x, where, axes)[0]
+
+
+_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp (the core keeps the reduced axes; the public function squeezes them)
+
+
+def _logsumexp_value(
+    x: jax.Array, where: jax.Array | None, axes: Axes, with_probs: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    row_max, shifted, sum_exp, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    log_normalizer = jnp.where(row_max == jnp.inf, jnp.inf, shift + jnp.log(sum_exp))
+    probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype) if with_probs else None
+    return log_normalizer.astype(x.dtype), probs
+
+
+def _logsumexp_fwd(
+    x: jax.Array, where: jax.Array | None, axes: Axes
+) -> tuple[jax.Array, jax.Array]:
+    log_normalizer, probs = _logsumexp_value(x, where, axes, with_probs=True)
+    assert probs is not None
+    return log_normalizer, probs
+
+
+def _logsumexp_bwd(axes: Axes, probs: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None]:
+    compute = _compute_dtype(probs.dtype)
+    grad = probs.astype(compute) * cotangent.astype(compute)
+    return grad.astype(probs.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+    return _logsumexp_value(x, where, axes, with_probs=False)[0]
+
+
+_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# jitted entry points and the public API
+
+
+def _broadcast_mask(where: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    return None if where is None else jnp.broadcast_to(where, shape)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype"))
+def _softmax_jit(x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any) -> jax.Array:
+    x = x.astype(dtype)
+    return _softmax(x, _broadcast_mask(where, x.shape), axes)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype"))
+def _log_softmax_jit(x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any) -> jax.Array:
+    x = x.astype(dtype)
+    return _log_softmax(x, _broadcast_mask(where, x.shape), axes)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype", "keepdims"))
+def _logsumexp_jit(
+    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, keepdims: bool
+) -> jax.Array:
+    x = x.astype(dtype)
+    out = _logsumexp(x, _broadcast_mask(where, x.shape), axes)
+    return out if keepdims else jnp.squeeze(out, axis=axes)
+
+
+def softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> jax.Array:
+    r"""Softmax along ``axis``, stable for any input and safe on fully masked slices.
+
+    .. math::
+        \mathrm{softmax}(x)_i = \frac{\exp(x_i - m)}{\sum_{j \in S} \exp(x_j - m)},
+        \quad m = \max_{j \in S} x_j
+
+    where :math:`S` is the set of unmasked entries of the slice.
+
+    Args:
+      x: input array (a jax.Array, numpy array or scalar). Bool and integer inputs promote to the
+        default floating dtype.
+      axis: int or tuple of ints (negative allowed) over which to normalise; None means all axes.
+      where: optional boolean array broadcastable to ``x``; False entries are excluded and get
+        probability 0.
+      dtype: optional floating dtype; ``x`` is cast to it first (torch's ``dtype=``).
+
+    Returns:
+      An array of ``x``'s shape and (possibly cast) dtype.
+
+    Note:
+      Masked and -inf entries get probability 0 and gradient 0. A slice with nothing unmasked
+      gives 0 (jax.nn and torch give NaN). A +inf entry takes the limit: the +inf entries of a
+      slice share probability 1 equally. NaN in a slice makes that slice NaN, and only that slice.
+      bf16/f16 are computed in float32 and rounded once. The backward pass is a hand-written
+      ``jax.custom_vjp`` (``y * (g - sum(g * y))``) that saves only the output; forward-mode
+      differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available, use
+      ``jax.jacrev(jax.jacrev(f))`` for second derivatives.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> x = jnp.array([[1.0, 2.0, 3.0], [-jnp.inf, -jnp.inf, -jnp.inf]])
+      >>> print(jsoftmax.softmax(x).round(4))
+      [[0.09   0.2447 0.6652]
+       [0.     0.     0.    ]]
+      >>> print(jsoftmax.softmax(x[0], where=jnp.array([True, False, True])).round(4))
+      [0.1192 0.     0.8808]
+    """
+    array, out_dtype = check_input(x, dtype, "softmax")
+    axes = normalize_axes(axis, array.ndim, "softmax")
+    mask = as_mask(where, array.shape, "softmax")
+    return _softmax_jit(array, mask, axes, out_dtype)
+
+
+def log_softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> jax.Array:
+    r"""Log-softmax along ``axis``, computed as ``(x - m) - log(sum(exp(x - m)))``.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = (x_i - m) - \log \sum_{j \in S} \exp(x_j - m),
+        \quad m = \max_{j \in S} x_j
+
+    Args:
+      x: input array (a jax.Array, numpy array or scalar). Bool and integer inputs promote to the
+        default floating dtype.
+      axis: int or tuple of ints (negative allowed) over which to normalise; None means all axes.
+      where: optional boolean array broadcastable to ``x``; False entries are excluded and get
+        log-probability -inf.
+      dtype: optional floating dtype; ``x`` is cast to it first (torch's ``dtype=``).
+
+    Returns:
+      An array of ``x``'s shape and (possibly cast) dtype.
+
+    Note:
+      Masked and -inf entries give -inf with gradient 0; a slice with nothing unmasked gives -inf
+      everywhere and gradient 0 (jax.nn and torch give NaN). +inf entries share the slice:
+      ``-log(k)`` for k of them, -inf elsewhere. NaN in a slice makes that slice NaN. bf16/f16 are
+      computed in float32 and rounded once. The backward pass is a hand-written
+      ``jax.custom_vjp`` (``g - exp(y) * sum(g)``) that saves only the output; forward mode is
+      not available (see :func:`softmax`).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> print(jsoftmax.log_softmax(jnp.array([1.0, 2.0, 3.0])).round(4))
+      [-2.4076 -1.4076 -0.4076]
+      >>> print(jsoftmax.log_softmax(jnp.array([1e30, 0.0])))
+      [  0. -1e+30]
+    """
+    array, out_dtype = check_input(x, dtype, "log_softmax")
+    axes = normalize_axes(axis, array.ndim, "log_softmax")
+    mask = as_mask(where, array.shape, "log_softmax")
+    return _log_softmax_jit(array, mask, axes, out_dtype)
+
+
+def logsumexp(
+    x: Any, axis: Any = -1, *, where: Any = None, keepdims: bool = False, dtype: Any = None
+) -> jax.Array:
+    r"""Log of the sum of exponentials along ``axis``, stable for any input.
+
+    .. math::
+        \mathrm{logsumexp}(x) = m + \log \sum_{j \in S} \exp(x_j - m),
+        \quad m = \max_{j \in S} x_j
+
+    Args:
+      x: input array (a jax.Array, numpy array or scalar). Bool and integer inputs promote to the
+        default floating dtype.
+      axis: int or tuple of ints (negative allowed) to reduce; None means all axes.
+      where: optional boolean array broadcastable to ``x``; False entries are excluded.
+      keepdims: keep the reduced axes with size 1.
+      dtype: optional floating dtype; ``x`` is cast to it first.
+
+    Returns:
+      ``x`` reduced over ``axis``, in ``x``'s (possibly cast) dtype.
+
+    Note:
+      An empty or fully masked slice gives -inf with gradient 0 (jax.nn gives a NaN gradient).
+      Any +inf entry gives +inf. NaN in a slice gives NaN for that slice. The backward pass is a
+      hand-written ``jax.custom_vjp`` (``softmax(x) * g``) that saves one array of ``x``'s size,
+      the probabilities.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import jsoftmax
+      >>> print(jsoftmax.logsumexp(jnp.array([[0.0, 0.0], [1000.0, 1000.0]])).round(4))
+      [   0.6931 1000.6931]
+    """
+    array, out_dtype = check_input(x, dtype, "logsumexp")
+    axes = normalize_axes(axis, array.ndim, "logsumexp")
+    mask = as_mask(where, array.shape, "logsumexp")
+    if not isinstance(keepdims, bool):
+        raise TypeError(f"logsumexp: keepdims expected a bool, got {keepdims!r}")
+    return _logsumexp_jit(array, mask, axes, out_dtype, keepdims)

@@ -1,0 +1,107 @@
+"""Argument checks shared by the public functions.
+
+Every public function validates once, at its boundary, and every message has the same shape:
+``"<function>: <argument> expected <what>, got <what>"``. ``TypeError`` is raised for kinds and
+dtypes, ``ValueError`` for shapes and axes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Python scalars are accepted as jax.numpy accepts them; lists, strings and None are not.
+_SCALAR_TYPES = (bool, int, float, np.generic)
+
+
+def is_arraylike(value: Any) -> bool:
+    return isinstance(value, (jax.Array, np.ndarray, *_SCALAR_TYPES))
+
+
+def check_input(x: Any, dtype: Any, fname: str, argname: str = "x") -> tuple[jax.Array, Any]:
+    """Returns ``(array, out_dtype)``: ``x`` as a JAX array and the floating dtype to compute in.
+
+    ``dtype`` (if given) must be a floating dtype: ``x`` is cast to it first, as torch's
+    ``dtype=`` does. Otherwise bool and integer inputs promote to the default floating dtype, as
+    in ``jax.nn``. The cast itself happens inside the jitted function, fused with the rest.
+    """
+    if not is_arraylike(x):
+        raise TypeError(
+            f"{fname}: {argname} expected a jax.Array, numpy array or scalar, "
+            f"got {type(x).__name__}"
+        )
+    array = jnp.asarray(x)
+    if jnp.issubdtype(array.dtype, jnp.complexfloating):
+        raise TypeError(f"{fname}: {argname} expected a real array, got dtype {array.dtype}")
+    if dtype is not None:
+        try:
+            target = jnp.dtype(dtype)
+        except TypeError as err:
+            raise TypeError(f"{fname}: dtype expected a floating dtype, got {dtype!r}") from err
+        if not jnp.issubdtype(target, jnp.floating):
+            raise TypeError(f"{fname}: dtype expected a floating dtype, got {target}")
+        return array, jax.dtypes.canonicalize_dtype(target)
+    if jnp.issubdtype(array.dtype, jnp.floating):
+        return array, array.dtype
+    return array, jnp.dtype(jnp.result_type(float))
+
+
+def normalize_axes(axis: Any, ndim: int, fname: str) -> tuple[int, ...]:
+    """Turns ``axis`` (int, tuple of ints or None for all axes) into sorted non-negative axes."""
+    if axis is None:
+        return tuple(range(ndim))
+    raw: Sequence[Any] = axis if isinstance(axis, (tuple, list)) else (axis,)
+    axes = []
+    for item in raw:
+        if isinstance(item, bool):
+            raise TypeError(f"{fname}: axis expected an int or a tuple of ints, got {axis!r}")
+        try:
+            index = operator.index(item)
+        except TypeError as err:
+            raise TypeError(
+                f"{fname}: axis expected an int or a tuple of ints, got {axis!r}"
+            ) from err
+        if not -ndim <= index < ndim:
+            raise ValueError(
+                f"{fname}: axis expected values in [{-ndim}, {ndim}) for an array of rank {ndim}, "
+                f"got {axis!r}"
+            )
+        axes.append(index % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(
+            f"{fname}: axis expected distinct axes for an array of rank {ndim}, got duplicated "
+            f"axes in {axis!r}"
+        )
+    return tuple(sorted(axes))
+
+
+def as_mask(where: Any, shape: tuple[int, ...], fname: str) -> jax.Array | None:
+    """Checks ``where`` is a boolean array that broadcasts to ``shape``; returns it or None.
+
+    The mask is returned unbroadcast: the jitted kernels broadcast it inside the fusion, so a
+    small mask is never materialised at the size of ``x``.
+    """
+    if where is None:
+        return None
+    if not is_arraylike(where):
+        raise TypeError(
+            f"{fname}: where expected a boolean array, got {type(where).__name__}"
+        )
+    mask = jnp.asarray(where)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"{fname}: where expected a boolean array, got dtype {mask.dtype}")
+    try:
+        broadcast = np.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != tuple(shape):
+        raise ValueError(
+            f"{fname}: where expected a shape that broadcasts to x's shape {tuple(shape)}, "
+            f"got {tuple(mask.shape)}"
+        )
+    return mask
