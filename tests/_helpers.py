@@ -1,0 +1,84 @@
+"""Shared test helpers: float64 host references and the per-dtype tolerance table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+# (rtol, atol) per dtype for values; gradients get GRAD_SCALE times looser tolerances.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "float64": (1e-12, 1e-14),
+    "float32": (2e-6, 1e-7),
+    "bfloat16": (1e-2, 1e-3),
+    "float16": (2e-3, 1e-4),
+}
+GRAD_SCALE = 10.0
+
+FLOAT_DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+def tolerance(dtype: Any, *, grad: bool = False) -> dict[str, float]:
+    """Keyword arguments for ``np.testing.assert_allclose`` at ``dtype``."""
+    rtol, atol = TOLERANCES[np.dtype(dtype).name]
+    scale = GRAD_SCALE if grad else 1.0
+    return {"rtol": rtol * scale, "atol": atol * scale}
+
+
+def to_f64(array: Any) -> np.ndarray:
+    """Any array (jax, numpy, bf16 included) as a float64 numpy array on the host."""
+    return np.asarray(np.asarray(array).astype(np.float64))
+
+
+def np_dtype(name: str) -> Any:
+    """numpy dtype for a name, bf16 included."""
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
+def random_logits(shape: tuple[int, ...], dtype: str = "float32", seed: int = 0, scale=3.0):
+    """Deterministic normal logits as a jax array of ``dtype``."""
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+
+def _masked_f64(x: Any, axis: Any, where: Any) -> tuple[np.ndarray, Any]:
+    x64 = to_f64(x)
+    if where is not None:
+        x64 = np.where(np.broadcast_to(np.asarray(where), x64.shape), x64, -np.inf)
+    return x64, axis
+
+
+def ref_logsumexp(x: Any, axis: Any = -1, where: Any = None, keepdims: bool = False) -> np.ndarray:
+    """float64 logsumexp with jsoftmax's conventions (empty / fully masked slice: -inf)."""
+    x64, axis = _masked_f64(x, axis, where)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        row_max = np.max(x64, axis=axis, keepdims=True, initial=-np.inf)
+        shift = np.where(np.isfinite(row_max), row_max, 0.0)
+        total = np.sum(np.exp(x64 - shift), axis=axis, keepdims=True)
+        out = np.where(row_max == np.inf, np.inf, shift + np.log(total))
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def ref_log_softmax(x: Any, axis: Any = -1, where: Any = None) -> np.ndarray:
+    """float64 log_softmax for finite or -inf inputs: fully masked slices give -inf."""
+    x64, axis = _masked_f64(x, axis, where)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        row_max = np.max(x64, axis=axis, keepdims=True, initial=-np.inf)
+        shift = np.where(np.isfinite(row_max), row_max, 0.0)
+        shifted = x64 - shift
+        total = np.sum(np.exp(shifted), axis=axis, keepdims=True)
+        return shifted - np.log(np.where(total == 0, 1.0, total))
+
+
+def ref_softmax(x: Any, axis: Any = -1, where: Any = None) -> np.ndarray:
+    """float64 softmax for finite or -inf inputs: fully masked slices give 0."""
+    return np.exp(ref_log_softmax(x, axis, where))
+
+
+def relative_error(approx: Any, exact: np.ndarray) -> float:
+    """max |approx - exact| / max |exact| over the finite part, in float64."""
+    approx64 = to_f64(approx)
+    scale = np.max(np.abs(exact))
+    return float(np.max(np.abs(approx64 - exact)) / (scale if scale > 0 else 1.0))
