@@ -82,3 +82,14 @@ def relative_error(approx: Any, exact: np.ndarray) -> float:
     approx64 = to_f64(approx)
     scale = np.max(np.abs(exact))
     return float(np.max(np.abs(approx64 - exact)) / (scale if scale > 0 else 1.0))
+
+
+def enable_x64() -> Any:
+    """Context manager turning on JAX's 64-bit types (the public spelling moved between versions)."""
+    import jax
+
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64 as legacy_enable_x64  # type: ignore[attr-defined]
+
+    return legacy_enable_x64()
