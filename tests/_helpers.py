@@ -11,7 +11,7 @@ import numpy as np
 # (rtol, atol) per dtype for values; gradients get GRAD_SCALE times looser tolerances.
 TOLERANCES: dict[str, tuple[float, float]] = {
     "float64": (1e-12, 1e-14),
-    "float32": (2e-6, 1e-7),
+    "float32": (2e-6, 3e-7),  # log_softmax near 0: log(sum) is off by ~ulp(1) = 1.2e-7
     "bfloat16": (1e-2, 1e-3),
     "float16": (2e-3, 1e-4),
 }
