@@ -85,7 +85,7 @@ def relative_error(approx: Any, exact: np.ndarray) -> float:
 
 
 def enable_x64() -> Any:
-    """Context manager turning on JAX's 64-bit types (the public spelling moved between versions)."""
+    """Context manager turning on JAX's 64-bit types (its spelling moved between versions)."""
     import jax
 
     if hasattr(jax, "enable_x64"):

@@ -1,4 +1,4 @@
-"""The package itself: public names, version, typing marker, and that the core never imports torch."""
+"""The package: public names, version, typing marker, and that the core never imports torch."""
 
 from __future__ import annotations
 
@@ -15,13 +15,18 @@ PROBE = "import sys; {imports}; print('torch' in sys.modules)"
 def _torch_loaded_after(imports: str) -> bool:
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(imports=imports)],
-        capture_output=True, text=True, check=True, timeout=120,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
     )
     return out.stdout.strip().splitlines()[-1] == "True"
 
 
 def test_import_jsoftmax_does_not_import_torch():
-    assert _torch_loaded_after("import jsoftmax; jsoftmax.softmax([0.0]) if False else None") is False
+    assert (
+        _torch_loaded_after("import jsoftmax; jsoftmax.softmax([0.0]) if False else None") is False
+    )
 
 
 def test_probe_detects_torch_when_it_is_imported():

@@ -12,7 +12,9 @@ import jsoftmax
 
 # Deterministic: the same examples every run; few shapes so jit compiles stay bounded.
 PROFILE = settings(
-    derandomize=True, max_examples=40, deadline=None,
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 SHAPES = [(1, 1), (3, 7), (2, 64)]
@@ -48,7 +50,9 @@ def test_shift_invariance(x, shift):
 def test_exp_log_softmax_is_softmax(x):
     np.testing.assert_allclose(
         np.exp(np.asarray(jsoftmax.log_softmax(x), np.float64)),
-        np.asarray(jsoftmax.softmax(x), np.float64), rtol=1e-5, atol=1e-7,
+        np.asarray(jsoftmax.softmax(x), np.float64),
+        rtol=1e-5,
+        atol=1e-7,
     )
 
 
@@ -68,4 +72,6 @@ def test_gradients_sum_to_zero_along_axis(x, seed):
 def test_logsumexp_is_consistent_with_log_softmax(x):
     lse = np.asarray(jsoftmax.logsumexp(x, keepdims=True), np.float64)
     recovered = np.asarray(jsoftmax.log_softmax(x), np.float64) + lse
-    np.testing.assert_allclose(recovered, np.asarray(x, np.float64), atol=2e-6 * (1 + float(np.max(np.abs(lse)))))
+    np.testing.assert_allclose(
+        recovered, np.asarray(x, np.float64), atol=2e-6 * (1 + float(np.max(np.abs(lse))))
+    )
