@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from ._cross_entropy import cross_entropy as cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
@@ -11,4 +12,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__", "log_softmax", "logsumexp", "softmax"]
+__all__ = ["__version__", "cross_entropy", "log_softmax", "logsumexp", "softmax"]

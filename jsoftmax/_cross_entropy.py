@@ -1,0 +1,493 @@
+"""Cross-entropy from logits with torch's semantics and a hand-written VJP.
+
+The loss of one slice (one "row": the logits along the class axis) is
+
+    sum_c t_c * (log_normalizer - x_c),    t_c = effective target mass of class c,
+
+with ``t`` the one-hot label (or the probability target), label-smoothed and class-weighted as
+``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_vjp`` cores, one for integer
+labels and one for probability targets, return the per-row loss; the reductions (torch's weighted
+``mean``, ``sum``) are plain JAX on top. Each core saves the logits (already alive as the input)
+and two per-row values, the maximum and the log-normaliser, never a probability tensor; its
+backward pass rebuilds ``softmax * sum(t) - t`` in one elementwise pass. The one-hot target is a
+comparison with a class iota, never materialised, and the label's logit is picked by a masked sum
+rather than a gather, so the same code shards along the class axis (under ``jit`` with a
+NamedSharding, or across ``axis_name`` inside ``shard_map``) with per-row all-reduces only.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._collective import axis_size, global_sum, shift_logits
+from ._softmax import _compute_dtype
+from ._validation import check_input, is_arraylike
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+def _class_shape(ndim: int, axis: int, num_classes: int) -> tuple[int, ...]:
+    """Shape that puts ``num_classes`` on ``axis`` and 1 elsewhere (broadcasts against logits)."""
+    return tuple(num_classes if dim == axis else 1 for dim in range(ndim))
+
+
+def _class_ids(ndim: int, axis: int, num_local: int, axis_name: Any) -> jax.Array:
+    """Global class id of each local position along ``axis`` (shards are equal and in order)."""
+    local_ids = lax.broadcasted_iota(jnp.int32, _class_shape(ndim, axis, num_local), axis)
+    if axis_name is None:
+        return local_ids
+    return local_ids + lax.axis_index(axis_name).astype(jnp.int32) * num_local
+
+
+def _local_weight(weight: jax.Array, ndim: int, axis: int, num_local: int, axis_name: Any):
+    """The slice of the global class weights that this device's classes use, shaped to broadcast."""
+    if axis_name is not None:
+        offset = lax.axis_index(axis_name) * num_local
+        weight = lax.dynamic_slice_in_dim(weight, offset, num_local)
+    return weight.reshape(_class_shape(ndim, axis, num_local))
+
+
+def _label_weights(
+    labels: jax.Array, weight: jax.Array | None, ignore_index: int, num_classes: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(valid, out_of_range, label_weight)`` per row.
+
+    ``valid``: the label is not ``ignore_index``; ``out_of_range``: a non-ignored label outside
+    ``[0, num_classes)``; ``label_weight``: the class weight of the label (1 without weights),
+    0 for ignored or out-of-range labels.
+    """
+    valid = labels != ignore_index
+    in_range = (labels >= 0) & (labels < num_classes)
+    if weight is None:
+        label_weight = jnp.ones(labels.shape, jnp.float32)
+    else:
+        label_weight = weight[jnp.where(in_range, labels, 0)]
+    label_weight = jnp.where(valid & in_range, label_weight, 0)
+    return valid, valid & ~in_range, label_weight
+
+
+# --------------------------------------------------------------------------------------------
+# integer labels
+
+
+def _labels_fwd(
+    logits: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    axis: int,
+    axis_name: Any,
+    ignore_index: int,
+    smoothing: float,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    compute = _compute_dtype(logits.dtype)
+    x = logits.astype(compute)
+    axes = (axis,)
+    num_local = x.shape[axis]
+    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
+    label_weight = label_weight.astype(compute)
+
+    row_max, _, shifted = shift_logits(x, axes, axis_name)
+    is_label = _class_ids(x.ndim, axis, num_local, axis_name) == jnp.expand_dims(labels, axis)
+    sums: tuple[jax.Array, ...] = (jnp.exp(shifted), jnp.where(is_label, shifted, 0))
+    if smoothing > 0:
+        # sum_c w_c * (-shifted_c): every term is >= 0, so adding W * log_normalizer later does
+        # not cancel digits. Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
+        class_weight = (
+            jnp.ones((), compute)
+            if weight is None
+            else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
+        )
+        sums += (jnp.where(class_weight == 0, 0, class_weight * -shifted),)
+    reduced = global_sum(sums, axes, axis_name)
+    sum_exp, label_shifted = reduced[0], reduced[1]
+    log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
+
+    loss = jnp.zeros(log_normalizer.shape, compute)
+    if smoothing < 1:
+        nll = log_normalizer - label_shifted
+        loss += (1 - smoothing) * jnp.expand_dims(label_weight, axis) * nll
+    if smoothing > 0:
+        total_weight = num_classes if weight is None else jnp.sum(weight).astype(compute)
+        smooth = total_weight * log_normalizer + reduced[2]
+        loss += (smoothing / num_classes) * smooth
+    loss = jnp.squeeze(loss, axis)
+    # Ignored rows contribute exactly 0 whatever their logits; out-of-range labels give NaN.
+    loss = jnp.where(valid, loss, 0)
+    loss = jnp.where(out_of_range, jnp.nan, loss)
+    return loss, (logits, labels, weight, row_max, log_normalizer)
+
+
+def _labels_bwd(
+    axis: int,
+    axis_name: Any,
+    ignore_index: int,
+    smoothing: float,
+    residuals: tuple[Any, ...],
+    cotangent: jax.Array,
+) -> tuple[jax.Array, None, None]:
+    logits, labels, weight, row_max, log_normalizer = residuals
+    compute = _compute_dtype(logits.dtype)
+    x = logits.astype(compute)
+    num_local = x.shape[axis]
+    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
+
+    # The row maximum is constant per row: recomputing shifted elementwise needs no reduction.
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    shifted = jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift)
+    probs = jnp.exp(shifted - log_normalizer)
+
+    is_label = _class_ids(x.ndim, axis, num_local, axis_name) == jnp.expand_dims(labels, axis)
+    label_mass = jnp.expand_dims((1 - smoothing) * label_weight.astype(compute), axis)
+    target = jnp.where(is_label, label_mass, 0)
+    total_mass = label_mass
+    if smoothing > 0:
+        if weight is None:
+            target = target + smoothing / num_classes
+            total_mass = total_mass + smoothing
+        else:
+            class_weight = _local_weight(weight, x.ndim, axis, num_local, axis_name)
+            target = target + (smoothing / num_classes) * class_weight.astype(compute)
+            total_mass = total_mass + (smoothing / num_classes) * jnp.sum(weight).astype(compute)
+
+    g = jnp.expand_dims(jnp.where(valid, cotangent.astype(compute), 0), axis)
+    grad = g * (probs * total_mass - target)
+    # -inf logits (masked classes) are constants, as in jsoftmax.log_softmax.
+    grad = jnp.where(x == -jnp.inf, 0, grad)
+    grad = jnp.where(jnp.expand_dims(valid, axis), grad, 0)
+    grad = jnp.where(jnp.expand_dims(out_of_range, axis), jnp.nan, grad)
+    return grad.astype(logits.dtype), None, None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _labels_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    axis: int,
+    axis_name: Any,
+    ignore_index: int,
+    smoothing: float,
+) -> jax.Array:
+    return _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)[0]
+
+
+_labels_loss.defvjp(_labels_fwd, _labels_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# probability targets
+
+
+def _target_mass(
+    targets: jax.Array, class_weight: jax.Array | None, smoothing: float, num_classes: int
+) -> jax.Array:
+    """``w_c * ((1 - smoothing) * q_c + smoothing / C)``: torch's smoothed, weighted target."""
+    mass = targets if smoothing == 0 else (1 - smoothing) * targets + smoothing / num_classes
+    return mass if class_weight is None else mass * class_weight
+
+
+def _probs_fwd(
+    logits: jax.Array,
+    targets: jax.Array,
+    weight: jax.Array | None,
+    axis: int,
+    axis_name: Any,
+    smoothing: float,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    compute = _compute_dtype(logits.dtype)
+    x = logits.astype(compute)
+    axes = (axis,)
+    num_local = x.shape[axis]
+    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    class_weight = (
+        None
+        if weight is None
+        else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
+    )
+    mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
+
+    row_max, _, shifted = shift_logits(x, axes, axis_name)
+    # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
+    sum_exp, total_mass, weighted_shifted = global_sum(
+        (jnp.exp(shifted), mass, jnp.where(mass == 0, 0, mass * -shifted)), axes, axis_name
+    )
+    log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
+    loss = jnp.squeeze(total_mass * log_normalizer + weighted_shifted, axis)
+    return loss, (logits, targets, weight, row_max, log_normalizer, total_mass)
+
+
+def _probs_bwd(
+    axis: int,
+    axis_name: Any,
+    smoothing: float,
+    residuals: tuple[Any, ...],
+    cotangent: jax.Array,
+) -> tuple[jax.Array, jax.Array, None]:
+    logits, targets, weight, row_max, log_normalizer, total_mass = residuals
+    compute = _compute_dtype(logits.dtype)
+    x = logits.astype(compute)
+    num_local = x.shape[axis]
+    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    class_weight = (
+        None
+        if weight is None
+        else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
+    )
+    mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
+
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
+    shifted = jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift)
+    log_probs = shifted - log_normalizer
+    g = jnp.expand_dims(cotangent.astype(compute), axis)
+
+    logits_grad = g * (jnp.exp(log_probs) * total_mass - mass)
+    # -inf logits (masked classes) are constants, as in jsoftmax.log_softmax.
+    logits_grad = jnp.where(x == -jnp.inf, 0, logits_grad)
+
+    # d loss / d q_c = -(1 - smoothing) * w_c * log p_c; a zero cotangent gives 0, not 0 * inf.
+    target_scale = (1 - smoothing) if class_weight is None else (1 - smoothing) * class_weight
+    targets_grad = jnp.where(g == 0, 0, g * target_scale * -log_probs)
+    return logits_grad.astype(logits.dtype), targets_grad.astype(targets.dtype), None
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _probs_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    weight: jax.Array | None,
+    axis: int,
+    axis_name: Any,
+    smoothing: float,
+) -> jax.Array:
+    return _probs_fwd(logits, targets, weight, axis, axis_name, smoothing)[0]
+
+
+_probs_loss.defvjp(_probs_fwd, _probs_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# jitted entry point and the public function
+
+
+def _safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``total / denominator``, and 0 with zero gradient where the denominator is 0."""
+    is_zero = denominator == 0
+    return jnp.where(is_zero, 0, total / jnp.where(is_zero, 1, denominator))
+
+
+@partial(
+    jax.jit,
+    static_argnames=("axis", "ignore_index", "label_smoothing", "reduction", "axis_name", "dtype"),
+)
+def _cross_entropy_jit(
+    logits: jax.Array,
+    labels: jax.Array,
+    weight: jax.Array | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    axis_name: Any,
+    dtype: Any,
+) -> jax.Array:
+    logits = logits.astype(dtype)
+    compute = _compute_dtype(dtype)
+    # Class weights are constants (torch does not differentiate them either).
+    if weight is not None:
+        weight = lax.stop_gradient(weight.astype(compute))
+    if jnp.issubdtype(labels.dtype, jnp.floating):
+        loss = _probs_loss(logits, labels, weight, axis, axis_name, label_smoothing)
+        # torch's mean over probability targets divides by the number of rows, unweighted.
+        denominator = jnp.asarray(loss.size, compute)
+    else:
+        loss = _labels_loss(logits, labels, weight, axis, axis_name, ignore_index, label_smoothing)
+        num_classes = logits.shape[axis] * (
+            1 if axis_name is None else axis_size(axis_name, "cross_entropy")
+        )
+        # torch's mean: the sum over the weights of the non-ignored labels.
+        denominator = jnp.sum(_label_weights(labels, weight, ignore_index, num_classes)[2])
+    if reduction == "none":
+        return loss.astype(dtype)
+    total = jnp.sum(loss)
+    if reduction == "sum":
+        return total.astype(dtype)
+    return _safe_divide(total, denominator).astype(dtype)
+
+
+def _check_class_axis(axis: Any, ndim: int) -> int:
+    if isinstance(axis, bool) or not isinstance(axis, (int, jnp.integer)):
+        raise TypeError(f"cross_entropy: axis expected an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(
+            f"cross_entropy: axis expected a value in [{-ndim}, {ndim}) for logits of rank {ndim}, "
+            f"got {axis!r}"
+        )
+    return operator.index(axis) % ndim
+
+
+def _check_labels(labels: Any, logits_shape: tuple[int, ...], axis: int) -> jax.Array:
+    """Integer class indices of the logits' shape without ``axis``, or float probabilities of it."""
+    label_shape = logits_shape[:axis] + logits_shape[axis + 1 :]
+    expected = (
+        f"integer class indices of shape {label_shape} or floating probabilities of shape "
+        f"{logits_shape}"
+    )
+    if not is_arraylike(labels):
+        raise TypeError(f"cross_entropy: labels expected {expected}, got {type(labels).__name__}")
+    array = jnp.asarray(labels)
+    if jnp.issubdtype(array.dtype, jnp.floating):
+        if array.shape != logits_shape:
+            raise ValueError(
+                f"cross_entropy: labels expected {expected}, got floating labels of shape "
+                f"{array.shape} (class indices must be an integer dtype)"
+            )
+        return array
+    if not jnp.issubdtype(array.dtype, jnp.integer) or array.dtype == jnp.bool_:
+        raise TypeError(f"cross_entropy: labels expected {expected}, got dtype {array.dtype}")
+    if array.shape != label_shape:
+        raise ValueError(
+            f"cross_entropy: labels expected {expected}, got integer labels of shape {array.shape}"
+        )
+    # Signed, so that a negative ignore_index compares as written.
+    signed_64 = jnp.issubdtype(array.dtype, jnp.signedinteger) and array.dtype.itemsize == 8
+    return array if signed_64 else array.astype(jnp.int32)
+
+
+def _check_weight(weight: Any, num_classes: int) -> jax.Array | None:
+    if weight is None:
+        return None
+    if not is_arraylike(weight):
+        raise TypeError(
+            f"cross_entropy: weight expected a real array of shape ({num_classes},), "
+            f"got {type(weight).__name__}"
+        )
+    array = jnp.asarray(weight)
+    if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)):
+        raise TypeError(f"cross_entropy: weight expected a real array, got dtype {array.dtype}")
+    if array.shape != (num_classes,):
+        raise ValueError(
+            f"cross_entropy: weight expected shape ({num_classes},) (one weight per class), "
+            f"got {array.shape}"
+        )
+    return array
+
+
+def cross_entropy(
+    logits: Any,
+    labels: Any,
+    *,
+    axis: int = -1,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    axis_name: Any = None,
+) -> jax.Array:
+    r"""Cross-entropy between ``softmax(logits)`` and the labels, as torch computes it.
+
+    .. math::
+        \ell_n = \sum_c t_{n,c} \left(\log \sum_j e^{x_{n,j}} - x_{n,c}\right),
+        \quad t_{n,c} = w_c \left((1 - \varepsilon)\, q_{n,c} + \frac{\varepsilon}{C}\right)
+
+    with :math:`q_n` the one-hot label (or the given probabilities), :math:`w` the class weights
+    and :math:`\varepsilon` the label smoothing. For integer labels the one-hot part is weighted
+    by the label's class weight, as in ``torch.nn.functional.cross_entropy``.
+
+    Args:
+      logits: array of unnormalised scores with the classes along ``axis``. Integer inputs
+        promote to the default floating dtype.
+      labels: integer class indices of the logits' shape without ``axis``, or floating
+        class probabilities of the logits' shape.
+      axis: the class axis (an int). Use ``axis=1`` for torch's ``[N, C, d1, ...]`` layout.
+      weight: optional class weights of shape ``(C,)`` (the global ``C`` under ``axis_name``);
+        constants, not differentiated.
+      ignore_index: integer labels equal to it contribute 0 to the loss, the gradient and the
+        ``mean``'s denominator. Ignored for probability targets, as in torch.
+      label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution over the
+        ``C`` classes, as torch does.
+      reduction: ``"mean"`` (torch's weighted mean: the sum over the summed weights of the
+        non-ignored labels; over the number of rows for probability targets), ``"sum"`` or
+        ``"none"`` (one loss per row, the labels' shape).
+      axis_name: inside ``jax.shard_map``, the mesh axis over which ``axis`` is split: each
+        device holds an equal, in-order shard of the classes, the labels are global class ids,
+        and every shard gets the global loss of its rows. Reductions run over the rows this
+        device holds.
+
+    Returns:
+      The loss in the logits' dtype: a scalar, or the per-row losses for ``reduction="none"``.
+
+    Note:
+      The backward pass is a hand-written ``jax.custom_vjp``: ``g * (softmax(x) * sum(t) - t)``
+      rebuilt from the saved logits and two per-row values (no probability tensor is saved).
+      Labels equal to ``ignore_index`` give loss 0 and gradient 0 even when their logits are
+      NaN or inf. When the ``mean``'s denominator is 0 (every label ignored, or all their
+      weights 0, or no rows) the loss is 0 with gradient 0; torch gives NaN. A -inf logit (a
+      masked class) gets gradient 0; with zero target mass it adds 0 to the loss (torch gives
+      NaN for probability targets), with positive mass (its label, or label smoothing) the loss
+      is +inf, as in torch. A non-ignored label outside ``[0, C)`` gives a NaN loss and gradient
+      for its row (torch raises; a jitted function cannot). bf16/f16 logits are computed in
+      float32 and the result rounded once.
+
+    Example:
+      >>> import jax.numpy as jnp, numpy as np
+      >>> import jsoftmax
+      >>> logits = jnp.array([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+      >>> labels = jnp.array([0, -100])
+      >>> print(np.asarray(jsoftmax.cross_entropy(logits, labels)).round(4))
+      0.4076
+      >>> print(np.asarray(jsoftmax.cross_entropy(logits, labels, label_smoothing=0.1,
+      ...                                         reduction="none")).round(4))
+      [0.5076 0.    ]
+    """
+    array, out_dtype = check_input(logits, None, "cross_entropy", "logits")
+    if array.ndim == 0:
+        raise ValueError(
+            "cross_entropy: logits expected an array with a class axis (rank >= 1), got a scalar"
+        )
+    class_axis = _check_class_axis(axis, array.ndim)
+    if array.shape[class_axis] == 0:
+        raise ValueError(
+            f"cross_entropy: logits expected at least one class along axis {axis}, "
+            f"got shape {array.shape}"
+        )
+    targets = _check_labels(labels, array.shape, class_axis)
+    num_classes = array.shape[class_axis]
+    if axis_name is not None:
+        num_classes *= axis_size(axis_name, "cross_entropy")
+    weight_array = _check_weight(weight, num_classes)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, jnp.integer)):
+        raise TypeError(f"cross_entropy: ignore_index expected an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(
+        label_smoothing, (int, float, jnp.floating, jnp.integer)
+    ):
+        raise TypeError(
+            f"cross_entropy: label_smoothing expected a float in [0, 1], got {label_smoothing!r}"
+        )
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(
+            f"cross_entropy: label_smoothing expected a float in [0, 1], got {label_smoothing!r}"
+        )
+    if reduction not in _REDUCTIONS:
+        raise ValueError(
+            f"cross_entropy: reduction expected one of 'mean', 'sum', 'none', got {reduction!r}"
+        )
+    return _cross_entropy_jit(
+        array,
+        targets,
+        weight_array,
+        axis=class_axis,
+        ignore_index=operator.index(ignore_index),
+        label_smoothing=float(label_smoothing),
+        reduction=reduction,
+        axis_name=axis_name,
+        dtype=out_dtype,
+    )
