@@ -191,7 +191,9 @@ def _logsumexp_jit(
     return out if keepdims else jnp.squeeze(out, axis=axes)
 
 
-def softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> jax.Array:
+def softmax(
+    x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None, axis_name: Any = None
+) -> jax.Array:
     r"""Softmax along ``axis``, stable for any input and safe on fully masked slices.
 
     .. math::
@@ -207,6 +209,9 @@ def softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> 
       where: optional boolean array broadcastable to ``x``; False entries are excluded and get
         probability 0.
       dtype: optional floating dtype; ``x`` is cast to it first (torch's ``dtype=``).
+      axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over which ``axis``
+        is split in equal shards: the result is the global one, and the backward pass reduces
+        across ``axis_name`` too.
 
     Returns:
       An array of ``x``'s shape and (possibly cast) dtype.
@@ -233,10 +238,17 @@ def softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> 
     array, out_dtype = check_input(x, dtype, "softmax")
     axes = normalize_axes(axis, array.ndim, "softmax")
     mask = as_mask(where, array.shape, "softmax")
+    if axis_name is not None:
+        # Imported here: _collective builds on this module.
+        from . import _collective
+
+        return _collective.softmax(array, mask, axes, out_dtype, axis_name)
     return _softmax_jit(array, mask, axes, out_dtype)
 
 
-def log_softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None) -> jax.Array:
+def log_softmax(
+    x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None, axis_name: Any = None
+) -> jax.Array:
     r"""Log-softmax along ``axis``, computed as ``(x - m) - log(sum(exp(x - m)))``.
 
     .. math::
@@ -250,6 +262,9 @@ def log_softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None)
       where: optional boolean array broadcastable to ``x``; False entries are excluded and get
         log-probability -inf.
       dtype: optional floating dtype; ``x`` is cast to it first (torch's ``dtype=``).
+      axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over which ``axis``
+        is split in equal shards: the result is the global one, and the backward pass reduces
+        across ``axis_name`` too.
 
     Returns:
       An array of ``x``'s shape and (possibly cast) dtype.
@@ -273,11 +288,22 @@ def log_softmax(x: Any, axis: Any = -1, *, where: Any = None, dtype: Any = None)
     array, out_dtype = check_input(x, dtype, "log_softmax")
     axes = normalize_axes(axis, array.ndim, "log_softmax")
     mask = as_mask(where, array.shape, "log_softmax")
+    if axis_name is not None:
+        # Imported here: _collective builds on this module.
+        from . import _collective
+
+        return _collective.log_softmax(array, mask, axes, out_dtype, axis_name)
     return _log_softmax_jit(array, mask, axes, out_dtype)
 
 
 def logsumexp(
-    x: Any, axis: Any = -1, *, where: Any = None, keepdims: bool = False, dtype: Any = None
+    x: Any,
+    axis: Any = -1,
+    *,
+    where: Any = None,
+    keepdims: bool = False,
+    dtype: Any = None,
+    axis_name: Any = None,
 ) -> jax.Array:
     r"""Log of the sum of exponentials along ``axis``, stable for any input.
 
@@ -292,6 +318,9 @@ def logsumexp(
       where: optional boolean array broadcastable to ``x``; False entries are excluded.
       keepdims: keep the reduced axes with size 1.
       dtype: optional floating dtype; ``x`` is cast to it first.
+      axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over which ``axis``
+        is split in equal shards: the result is the global one, and the backward pass reduces
+        across ``axis_name`` too.
 
     Returns:
       ``x`` reduced over ``axis``, in ``x``'s (possibly cast) dtype.
@@ -313,4 +342,9 @@ def logsumexp(
     mask = as_mask(where, array.shape, "logsumexp")
     if not isinstance(keepdims, bool):
         raise TypeError(f"logsumexp: keepdims expected a bool, got {keepdims!r}")
+    if axis_name is not None:
+        # Imported here: _collective builds on this module.
+        from . import _collective
+
+        return _collective.logsumexp(array, mask, axes, out_dtype, keepdims, axis_name)
     return _logsumexp_jit(array, mask, axes, out_dtype, keepdims)
