@@ -93,3 +93,41 @@ def enable_x64() -> Any:
     from jax.experimental import enable_x64 as legacy_enable_x64  # type: ignore[attr-defined]
 
     return legacy_enable_x64()
+
+
+# --------------------------------------------------------------------------------------------
+# torch interop (torch is imported lazily: the core's tests must not need it)
+
+
+def torch_dtype_sample(name: str) -> Any:
+    """Eight deterministic values of torch dtype ``name``, with 64-bit-only values where 64-bit."""
+    import torch
+
+    dtype = getattr(torch, name)
+    if name == "bool":
+        return torch.tensor([True, False, True, True, False, False, True, False])
+    if name.startswith(("int", "uint")):
+        values = [0, 1, 2, 3, 5, 8, 13, 21]
+        if name == "int64":
+            values[-1] = -(2**40)
+        elif name == "uint64":
+            values[-1] = 2**63 + 1
+        elif name.startswith("int"):
+            values[0] = -7
+        return torch.tensor(values, dtype=torch.int64 if name != "uint64" else dtype).to(dtype)
+    real = torch.linspace(-3.0, 3.0, 8, dtype=torch.float64) + 1.0 / 3.0
+    if name.startswith("complex"):
+        return torch.complex(real, -2 * real).to(dtype)
+    if name == "float8_e8m0fnu":  # powers of two only
+        return torch.exp2(torch.arange(-4.0, 4.0)).to(dtype)
+    return real.to(dtype)
+
+
+def raw_bytes(array: Any) -> bytes:
+    """The bytes of a torch tensor or a JAX/numpy array, for bit-exact comparisons."""
+    import torch
+
+    if isinstance(array, torch.Tensor):
+        flat = array.detach().cpu().contiguous().reshape(-1)
+        return flat.view(torch.uint8).numpy().tobytes()
+    return np.ascontiguousarray(np.asarray(array)).tobytes()

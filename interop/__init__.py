@@ -1,0 +1,17 @@
+"""jsoftmax.interop: zero-copy DLPack bridges and torch-facing functions backed by jsoftmax.
+
+The only part of jsoftmax that imports torch. ``from_torch`` / ``to_torch`` share memory
+between torch tensors and JAX arrays; ``softmax``, ``log_softmax`` and the matching
+``torch.nn`` modules run jsoftmax's JAX code forward and its custom VJP backward, through torch
+autograd and under ``torch.compile``.
+"""
+
+from ._convert import from_torch as from_torch
+from ._convert import to_torch as to_torch
+from ._convert import to_torch_shards as to_torch_shards
+
+__all__ = [
+    "from_torch",
+    "to_torch",
+    "to_torch_shards",
+]
