@@ -7,6 +7,7 @@ dtypes, ``ValueError`` for shapes and axes.
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -30,14 +31,29 @@ def check_input(x: Any, dtype: Any, fname: str, argname: str = "x") -> tuple[jax
     ``dtype=`` does. Otherwise bool and integer inputs promote to the default floating dtype, as
     in ``jax.nn``. The cast itself happens inside the jitted function, fused with the rest.
     """
-    if not is_arraylike(x):
+    if isinstance(x, jax.Array):
+        array = x  # the common case: no conversion, no dispatch
+    elif is_arraylike(x):
+        array = jnp.asarray(x)
+    else:
         raise TypeError(
             f"{fname}: {argname} expected a jax.Array, numpy array or scalar, "
             f"got {type(x).__name__}"
         )
-    array = jnp.asarray(x)
-    if jnp.issubdtype(array.dtype, jnp.complexfloating):
-        raise TypeError(f"{fname}: {argname} expected a real array, got dtype {array.dtype}")
+    try:
+        hash(dtype)
+    except TypeError as err:
+        raise TypeError(f"{fname}: dtype expected a floating dtype, got {dtype!r}") from err
+    return array, _output_dtype(array.dtype, dtype, fname, argname)
+
+
+# The decisions below depend only on hashable metadata, so they are cached: a call with the same
+# dtypes and axes as an earlier one pays a dictionary lookup, not the checks (errors are never
+# cached).
+@functools.lru_cache(maxsize=512)
+def _output_dtype(in_dtype: Any, dtype: Any, fname: str, argname: str) -> Any:
+    if jnp.issubdtype(in_dtype, jnp.complexfloating):
+        raise TypeError(f"{fname}: {argname} expected a real array, got dtype {in_dtype}")
     if dtype is not None:
         try:
             target = jnp.dtype(dtype)
@@ -45,14 +61,26 @@ def check_input(x: Any, dtype: Any, fname: str, argname: str = "x") -> tuple[jax
             raise TypeError(f"{fname}: dtype expected a floating dtype, got {dtype!r}") from err
         if not jnp.issubdtype(target, jnp.floating):
             raise TypeError(f"{fname}: dtype expected a floating dtype, got {target}")
-        return array, jax.dtypes.canonicalize_dtype(target)
-    if jnp.issubdtype(array.dtype, jnp.floating):
-        return array, array.dtype
-    return array, jnp.dtype(jnp.result_type(float))
+        return jax.dtypes.canonicalize_dtype(target)
+    if jnp.issubdtype(in_dtype, jnp.floating):
+        return in_dtype
+    return jnp.dtype(jnp.result_type(float))
 
 
 def normalize_axes(axis: Any, ndim: int, fname: str) -> tuple[int, ...]:
     """Turns ``axis`` (int, tuple of ints or None for all axes) into sorted non-negative axes."""
+    if isinstance(axis, list):
+        axis = tuple(axis)
+    try:
+        return _normalize_axes_cached(axis, ndim, fname)
+    except TypeError as err:
+        if "unhashable" not in str(err):
+            raise
+        return _normalize_axes_cached.__wrapped__(axis, ndim, fname)
+
+
+@functools.lru_cache(maxsize=512)
+def _normalize_axes_cached(axis: Any, ndim: int, fname: str) -> tuple[int, ...]:
     if axis is None:
         return tuple(range(ndim))
     raw: Sequence[Any] = axis if isinstance(axis, (tuple, list)) else (axis,)
@@ -89,9 +117,7 @@ def as_mask(where: Any, shape: tuple[int, ...], fname: str) -> jax.Array | None:
     if where is None:
         return None
     if not is_arraylike(where):
-        raise TypeError(
-            f"{fname}: where expected a boolean array, got {type(where).__name__}"
-        )
+        raise TypeError(f"{fname}: where expected a boolean array, got {type(where).__name__}")
     mask = jnp.asarray(where)
     if mask.dtype != jnp.bool_:
         raise TypeError(f"{fname}: where expected a boolean array, got dtype {mask.dtype}")
