@@ -9,9 +9,17 @@ autograd and under ``torch.compile``.
 from ._convert import from_torch as from_torch
 from ._convert import to_torch as to_torch
 from ._convert import to_torch_shards as to_torch_shards
+from ._modules import LogSoftmax as LogSoftmax
+from ._modules import Softmax as Softmax
+from ._ops import log_softmax as log_softmax
+from ._ops import softmax as softmax
 
 __all__ = [
+    "LogSoftmax",
+    "Softmax",
     "from_torch",
+    "log_softmax",
+    "softmax",
     "to_torch",
     "to_torch_shards",
 ]

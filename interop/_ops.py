@@ -1,0 +1,315 @@
+"""torch-facing softmax / log_softmax: jsoftmax's JAX code as torch.library custom ops.
+
+Three custom ops, each with a fake (meta) implementation for ``torch.compile`` and a registered
+autograd formula:
+
+* ``jsoftmax::softmax(input, dim, log)`` runs ``jsoftmax.softmax`` / ``log_softmax`` (jitted)
+  and saves only its output, as jsoftmax's custom VJP does;
+* ``jsoftmax::softmax_backward(grad_output, output, dim, log)`` runs the custom VJP's backward
+  rule on that output;
+* ``jsoftmax::softmax_double_backward(...)`` is the JAX VJP of that rule, so second derivatives
+  are exact (the saved output stays connected to the input in torch's graph); a third
+  derivative raises.
+
+Tensors cross in both passes through :mod:`._convert` without copies (dense layouts and
+permutations are aliased). Expanded (stride-0) tensors, such as the gradient of ``out.sum()``,
+cross at their compact size and are broadcast inside the jitted JAX function, so they are never
+materialised.
+"""
+
+from __future__ import annotations
+
+import operator
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import torch
+
+import jsoftmax
+
+# The custom VJP's backward rules: the torch backward pass runs exactly these, on the saved
+# output, instead of re-running the forward pass under jax.vjp.
+from jsoftmax._softmax import _log_softmax_bwd, _softmax_bwd
+
+from ._convert import check_tensor, export_array, import_tensor, x64_scope
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks shared by the torch-facing functions
+
+
+def check_float_tensor(tensor: Any, fname: str, argname: str = "input") -> None:
+    """TypeError unless ``tensor`` is a dense tensor of a dtype torch.softmax computes in."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{fname}: {argname} expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:
+        raise TypeError(
+            f"{fname}: {argname} expected a dense (strided) tensor, got layout {tensor.layout}"
+        )
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fname}: {argname} expected a floating tensor (float16, bfloat16, float32, "
+            f"float64), got {tensor.dtype}"
+        )
+
+
+def check_float_dtype(dtype: Any, fname: str) -> None:
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fname}: dtype expected None or one of torch.float16, torch.bfloat16, "
+            f"torch.float32, torch.float64, got {dtype!r}"
+        )
+
+
+def normalize_dim(dim: Any, ndim: int, fname: str, argname: str = "dim") -> int:
+    """``dim`` as a non-negative int; IndexError when out of range, as torch raises."""
+    if isinstance(dim, bool):
+        raise TypeError(f"{fname}: {argname} expected an int, got {dim!r}")
+    try:
+        index = operator.index(dim)
+    except TypeError as err:
+        raise TypeError(f"{fname}: {argname} expected an int, got {dim!r}") from err
+    # torch treats a 0-d tensor as having one dimension for dim checks.
+    rank = max(ndim, 1)
+    if not -rank <= index < rank:
+        raise IndexError(
+            f"{fname}: {argname} expected an int in [{-rank}, {rank - 1}] for a tensor of rank "
+            f"{ndim}, got {index}"
+        )
+    return index % rank
+
+
+def import_compact(tensor: torch.Tensor, fname: str, argname: str) -> jax.Array:
+    """``tensor`` as a JAX array without copies; stride-0 dims come in with size 1.
+
+    The jitted functions broadcast the result back to the full shape, where XLA fuses the
+    broadcast instead of materialising it.
+    """
+    check_tensor(tensor, fname, argname)
+    strides = tensor.stride()
+    if tensor.numel() and 0 in strides:
+        dims = zip(tensor.shape, strides, strict=True)
+        compact_shape = [1 if stride == 0 else size for size, stride in dims]
+        tensor = tensor.as_strided(compact_shape, strides)
+    return import_tensor(tensor, None, fname, argname)
+
+
+# --------------------------------------------------------------------------------------------
+# the JAX side (jitted once per shape, dtype, dim and layout)
+
+
+def _backward_rule(log: bool) -> Any:
+    return _log_softmax_bwd if log else _softmax_bwd
+
+
+@partial(jax.jit, static_argnames=("shape", "axis", "log"))
+def _jax_forward(x: jax.Array, shape: tuple[int, ...], axis: int, log: bool) -> jax.Array:
+    full = jnp.broadcast_to(x, shape)
+    return jsoftmax.log_softmax(full, axis=axis) if log else jsoftmax.softmax(full, axis=axis)
+
+
+@partial(jax.jit, static_argnames=("axis", "log"))
+def _jax_backward(grad_output: jax.Array, output: jax.Array, axis: int, log: bool) -> jax.Array:
+    grad_input, _ = _backward_rule(log)(
+        (axis,), output, jnp.broadcast_to(grad_output, output.shape)
+    )
+    return grad_input
+
+
+@partial(jax.jit, static_argnames=("axis", "log"))
+def _jax_double_backward(
+    grad_grad_input: jax.Array, grad_output: jax.Array, output: jax.Array, axis: int, log: bool
+) -> tuple[jax.Array, jax.Array]:
+    def backward(out: jax.Array, grad: jax.Array) -> jax.Array:
+        return _backward_rule(log)((axis,), out, grad)[0]
+
+    _, pullback = jax.vjp(backward, output, jnp.broadcast_to(grad_output, output.shape))
+    grad_of_output, grad_of_grad_output = pullback(jnp.broadcast_to(grad_grad_input, output.shape))
+    return grad_of_grad_output, grad_of_output
+
+
+# --------------------------------------------------------------------------------------------
+# custom ops
+
+
+@torch.library.custom_op("jsoftmax::softmax", mutates_args=())
+def _softmax_op(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    with x64_scope(input.dtype):
+        x = import_compact(input, "softmax", "input")
+        return export_array(_jax_forward(x, tuple(input.shape), dim, log), None)
+
+
+@_softmax_op.register_fake
+def _(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    # JAX returns its default (row-major) layout whatever the input's strides.
+    return input.new_empty(input.shape)
+
+
+@torch.library.custom_op("jsoftmax::softmax_backward", mutates_args=())
+def _softmax_backward_op(
+    grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool
+) -> torch.Tensor:
+    with x64_scope(output.dtype):
+        grad = import_compact(grad_output, "softmax backward", "grad_output")
+        out = import_compact(output, "softmax backward", "output")
+        return export_array(_jax_backward(grad, out, dim, log), None)
+
+
+@_softmax_backward_op.register_fake
+def _(grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+    return output.new_empty(output.shape)
+
+
+@torch.library.custom_op("jsoftmax::softmax_double_backward", mutates_args=())
+def _softmax_double_backward_op(
+    grad_grad_input: torch.Tensor,
+    grad_output: torch.Tensor,
+    output: torch.Tensor,
+    dim: int,
+    log: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fname = "softmax double backward"
+    with x64_scope(output.dtype):
+        grad_grad = import_compact(grad_grad_input, fname, "grad_grad_input")
+        grad = import_compact(grad_output, fname, "grad_output")
+        out = import_compact(output, fname, "output")
+        grad_of_grad_output, grad_of_output = _jax_double_backward(grad_grad, grad, out, dim, log)
+        return export_array(grad_of_grad_output, None), export_array(grad_of_output, None)
+
+
+@_softmax_double_backward_op.register_fake
+def _(
+    grad_grad_input: torch.Tensor,
+    grad_output: torch.Tensor,
+    output: torch.Tensor,
+    dim: int,
+    log: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return output.new_empty(output.shape), output.new_empty(output.shape)
+
+
+def _save_output(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    _, ctx.dim, ctx.log = inputs
+    ctx.save_for_backward(output)
+
+
+def _softmax_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+    (output,) = ctx.saved_tensors
+    return _softmax_backward_op(grad_output, output, ctx.dim, ctx.log), None, None
+
+
+def _save_grad_and_output(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+    grad_output, saved_output, ctx.dim, ctx.log = inputs
+    ctx.save_for_backward(grad_output, saved_output)
+
+
+def _softmax_backward_grad(ctx: Any, grad_grad_input: torch.Tensor) -> tuple[Any, ...]:
+    grad_output, output = ctx.saved_tensors
+    grad_of_grad_output, grad_of_output = _softmax_double_backward_op(
+        grad_grad_input, grad_output, output, ctx.dim, ctx.log
+    )
+    return grad_of_grad_output, grad_of_output, None, None
+
+
+def _third_derivative(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+    raise RuntimeError(
+        "jsoftmax.interop softmax/log_softmax: derivatives of order three and above are not "
+        "implemented (first and second derivatives are)"
+    )
+
+
+torch.library.register_autograd("jsoftmax::softmax", _softmax_grad, setup_context=_save_output)
+torch.library.register_autograd(
+    "jsoftmax::softmax_backward", _softmax_backward_grad, setup_context=_save_grad_and_output
+)
+torch.library.register_autograd("jsoftmax::softmax_double_backward", _third_derivative)
+
+
+# --------------------------------------------------------------------------------------------
+# public functions
+
+
+def _normalize(input: Any, dim: Any, dtype: Any, log: bool, fname: str) -> torch.Tensor:
+    check_float_tensor(input, fname)
+    check_float_dtype(dtype, fname)
+    axis = normalize_dim(dim, input.ndim, fname)
+    if dtype is not None and input.dtype != dtype:
+        input = input.to(dtype)
+    if input.ndim == 0:
+        # torch normalises a 0-d tensor as a single-element slice.
+        return _softmax_op(input.reshape(1), 0, log).reshape(())
+    return _softmax_op(input, axis, log)
+
+
+def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""``torch.softmax`` computed by :func:`jsoftmax.softmax`, differentiable through torch.
+
+    .. math::
+        \mathrm{softmax}(x)_i = \frac{\exp(x_i - m)}{\sum_j \exp(x_j - m)}, \quad m = \max_j x_j
+
+    Args:
+      input: a floating (float16, bfloat16, float32, float64) CPU or CUDA tensor, any layout.
+      dim: the dimension to normalise over (negative allowed).
+      dtype: optional floating dtype; ``input`` is cast to it first, as in ``torch.softmax``.
+
+    Returns:
+      A tensor of ``input``'s shape and device, in ``dtype`` (default ``input.dtype``).
+
+    Raises:
+      IndexError: ``dim`` is out of range (as torch raises).
+      TypeError: ``input`` is not a floating tensor, or ``dim`` / ``dtype`` is of the wrong kind.
+
+    Note:
+      The forward pass runs jsoftmax's jitted JAX code and the backward pass its custom VJP rule
+      on the saved output; tensors cross without copies. Unlike torch, a row of all -inf gives
+      0 (torch: NaN), and +inf entries share the row's mass (torch: NaN); gradients there are 0.
+      bf16/f16 compute in float32. Second derivatives work; third derivatives raise.
+
+    Example:
+      >>> import torch
+      >>> from jsoftmax import interop
+      >>> x = torch.tensor([[1.0, 2.0, 3.0], [float("-inf")] * 3], requires_grad=True)
+      >>> y = interop.softmax(x, dim=1)
+      >>> print(y.detach().numpy().round(4))
+      [[0.09   0.2447 0.6652]
+       [0.     0.     0.    ]]
+      >>> y[0, 2].backward()
+      >>> print(x.grad.numpy().round(4))
+      [[-0.0599 -0.1628  0.2227]
+       [ 0.      0.      0.    ]]
+    """
+    return _normalize(input, dim, dtype, False, "softmax")
+
+
+def log_softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:
+    r"""``torch.log_softmax`` computed by :func:`jsoftmax.log_softmax`, differentiable in torch.
+
+    .. math::
+        \mathrm{log\_softmax}(x)_i = (x_i - m) - \log \sum_j \exp(x_j - m), \quad m = \max_j x_j
+
+    Args:
+      input: a floating (float16, bfloat16, float32, float64) CPU or CUDA tensor, any layout.
+      dim: the dimension to normalise over (negative allowed).
+      dtype: optional floating dtype; ``input`` is cast to it first, as in ``torch.log_softmax``.
+
+    Returns:
+      A tensor of ``input``'s shape and device, in ``dtype`` (default ``input.dtype``).
+
+    Raises:
+      IndexError: ``dim`` is out of range (as torch raises).
+      TypeError: ``input`` is not a floating tensor, or ``dim`` / ``dtype`` is of the wrong kind.
+
+    Note:
+      A row of all -inf gives -inf with gradient 0 (torch: NaN). Otherwise as :func:`softmax`.
+
+    Example:
+      >>> import torch
+      >>> from jsoftmax import interop
+      >>> print(interop.log_softmax(torch.tensor([1.0, 2.0, 3.0]), dim=0).numpy().round(4))
+      [-2.4076 -1.4076 -0.4076]
+    """
+    return _normalize(input, dim, dtype, True, "log_softmax")

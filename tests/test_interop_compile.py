@@ -1,0 +1,70 @@
+"""The torch-facing softmax as torch.library custom ops: opcheck and torch.compile.
+
+These are the slow interop tests (a few seconds each: inductor compiles C++ on CPU), so they are
+few and use tiny shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from jsoftmax.interop import _ops
+
+from jsoftmax import interop
+
+# Raised inside torch when inductor loads, not by this project.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+
+
+def _leaf(*shape: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float32).requires_grad_()
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_opcheck_forward_and_backward_ops(log):
+    # Schema, fake (meta) implementation, autograd registration and AOT dispatch, as
+    # torch.library documents for custom ops.
+    x = _leaf(3, 5)
+    torch.library.opcheck(_ops._softmax_op, (x, 1, log))
+    torch.library.opcheck(_ops._softmax_op, (x.detach().t(), 0, log))
+    output = _ops._softmax_op(x.detach(), 1, log)
+    grad = _leaf(3, 5, seed=1).detach()
+    torch.library.opcheck(_ops._softmax_backward_op, (grad, output, 1, log))
+    grad_grad = _leaf(3, 5, seed=2).detach()
+    torch.library.opcheck(_ops._softmax_double_backward_op, (grad_grad, grad, output, 1, log))
+
+
+def _model_step(softmax_fn, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    hidden = torch.tanh(x @ weight)
+    return (softmax_fn(hidden, dim=-1) * torch.arange(hidden.shape[-1])).sum()
+
+
+def test_inductor_fullgraph_forward_and_backward_match_eager_torch():
+    compiled = torch.compile(_model_step, backend="inductor", fullgraph=True)
+    x_ours, weight_ours = _leaf(4, 6), _leaf(6, 5, seed=1)
+    x_ref, weight_ref = _leaf(4, 6), _leaf(6, 5, seed=1)
+    ours = compiled(interop.softmax, x_ours, weight_ours)
+    reference = _model_step(torch.softmax, x_ref, weight_ref)
+    ours.backward()
+    reference.backward()
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(x_ours.grad, x_ref.grad)
+    torch.testing.assert_close(weight_ours.grad, weight_ref.grad)
+
+
+def test_compiled_module_in_sequential_with_no_graph_break():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), interop.LogSoftmax(dim=1))
+    torch.manual_seed(0)
+    reference = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.LogSoftmax(dim=1))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = _leaf(3, 6).detach()
+    ours, theirs = compiled(x), reference(x)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(ours, theirs)
+    for mine, torchs in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, torchs.grad)
