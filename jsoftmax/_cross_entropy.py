@@ -411,7 +411,8 @@ def cross_entropy(
       weight: optional class weights of shape ``(C,)`` (the global ``C`` under ``axis_name``);
         constants, not differentiated.
       ignore_index: integer labels equal to it contribute 0 to the loss, the gradient and the
-        ``mean``'s denominator. Ignored for probability targets, as in torch.
+        ``mean``'s denominator. Unused for probability targets, where torch and this function
+        refuse a non-negative value.
       label_smoothing: in ``[0, 1]``; mixes the target with the uniform distribution over the
         ``C`` classes, as torch does.
       reduction: ``"mean"`` (torch's weighted mean: the sum over the summed weights of the
@@ -466,6 +467,12 @@ def cross_entropy(
     weight_array = _check_weight(weight, num_classes)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, jnp.integer)):
         raise TypeError(f"cross_entropy: ignore_index expected an int, got {ignore_index!r}")
+    if jnp.issubdtype(targets.dtype, jnp.floating) and ignore_index >= 0:
+        # torch refuses this too: a class index cannot be ignored in a probability target.
+        raise ValueError(
+            "cross_entropy: ignore_index expected a negative value (unused) with probability "
+            f"targets, got {ignore_index}"
+        )
     if isinstance(label_smoothing, bool) or not isinstance(
         label_smoothing, (int, float, jnp.floating, jnp.integer)
     ):

@@ -95,6 +95,49 @@ def enable_x64() -> Any:
     return legacy_enable_x64()
 
 
+def ref_cross_entropy(
+    logits: Any,
+    labels: Any,
+    axis: int = -1,
+    weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """float64 cross-entropy with torch's semantics and jsoftmax's conventions.
+
+    The definition written out: ``-sum_c t_c log_softmax(x)_c`` with torch's smoothed, weighted
+    target ``t``; terms with ``t_c == 0`` are 0 (0 * log 0 = 0); integer labels equal to
+    ``ignore_index`` give 0; a ``mean`` whose denominator is 0 gives 0 (torch: NaN). Labels must
+    be in range.
+    """
+    x64 = np.moveaxis(to_f64(logits), axis, -1)
+    num_classes = x64.shape[-1]
+    log_probs = ref_log_softmax(x64, -1)
+    class_weight = np.ones(num_classes) if weight is None else to_f64(weight)
+    labels = np.asarray(labels)
+    if not np.issubdtype(labels.dtype, np.integer):  # probabilities (bf16 included)
+        probs = np.moveaxis(to_f64(labels), axis, -1)
+        target = class_weight * ((1 - label_smoothing) * probs + label_smoothing / num_classes)
+        denominator = float(np.prod(x64.shape[:-1]))
+    else:
+        valid = labels != ignore_index
+        safe_labels = np.where(valid, labels, 0)
+        one_hot = np.arange(num_classes) == safe_labels[..., None]
+        label_weight = class_weight[safe_labels]
+        target = (1 - label_smoothing) * one_hot * label_weight[..., None]
+        target = target + label_smoothing / num_classes * class_weight
+        target = np.where(valid[..., None], target, 0.0)
+        denominator = float(np.sum(np.where(valid, label_weight, 0.0)))
+    with np.errstate(invalid="ignore"):
+        loss = -np.sum(np.where(target == 0, 0.0, target * log_probs), axis=-1)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return np.asarray(loss.sum())
+    return np.asarray(0.0 if denominator == 0 else loss.sum() / denominator)
+
+
 # --------------------------------------------------------------------------------------------
 # torch interop (torch is imported lazily: the core's tests must not need it)
 
