@@ -8,10 +8,11 @@ with ``t`` the one-hot label (or the probability target), label-smoothed and cla
 ``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_vjp`` cores, one for integer
 labels and one for probability targets, return the per-row loss; the reductions (torch's weighted
 ``mean``, ``sum``) are plain JAX on top. Each core saves the logits (already alive as the input)
-and two per-row values, the maximum and the log-normaliser, never a probability tensor; its
-backward pass rebuilds ``softmax * sum(t) - t`` in one elementwise pass. The one-hot target is a
-comparison with a class iota, never materialised, and the label's logit is picked by a masked sum
-rather than a gather, so the same code shards along the class axis (under ``jit`` with a
+and two per-row values, the shift (the row maximum) and the log-normaliser, never a probability
+tensor; its backward pass rebuilds ``softmax * sum(t) - t`` in one elementwise pass. The one-hot
+target is a comparison with a class iota, never materialised. The label's logit is a gather (one
+element per row) or, where the class axis is split across devices, a masked sum finished by a
+per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
 NamedSharding, or across ``axis_name`` inside ``shard_map``) with per-row all-reduces only.
 """
 
@@ -25,11 +26,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collective import axis_size, global_sum, shift_logits
+from ._collective import axis_size, global_max, global_sum
 from ._softmax import _compute_dtype
 from ._validation import check_input, is_arraylike
 
 _REDUCTIONS = ("mean", "sum", "none")
+Axes = tuple[int, ...]
 
 
 def _class_shape(ndim: int, axis: int, num_classes: int) -> tuple[int, ...]:
@@ -53,6 +55,10 @@ def _local_weight(weight: jax.Array, ndim: int, axis: int, num_local: int, axis_
     return weight.reshape(_class_shape(ndim, axis, num_local))
 
 
+def _num_classes(num_local: int, axis_name: Any) -> int:
+    return num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+
+
 def _label_weights(
     labels: jax.Array, weight: jax.Array | None, ignore_index: int, num_classes: int
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -72,6 +78,54 @@ def _label_weights(
     return valid, valid & ~in_range, label_weight
 
 
+def _row_shift(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+    """``(row_max, shift)``: the shift is the row maximum clamped to the largest finite float,
+    and 0 for rows with nothing but -inf (or a NaN)."""
+    row_max = global_max(x, axes, axis_name)
+    clamped_max = jnp.minimum(row_max, jnp.finfo(x.dtype).max)
+    return row_max, jnp.where(jnp.isfinite(clamped_max), clamped_max, 0)
+
+
+def _clamped_shifted(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``min(x, float max) - shift``: ``x - max`` in finite rows; in a row holding +inf, 0 at the
+    +inf entries and about -3.4e38 elsewhere, so exp() gives the +inf limit (the +inf entries
+    share the mass; a finite logit equal to the float maximum would share too).
+
+    No select: CPU XLA fuses a min/subtract/exp producer into the reduction, where a select
+    would make it materialise a logits-sized temporary.
+    """
+    return jnp.minimum(x, jnp.finfo(x.dtype).max) - shift
+
+
+def _exact_shifted(x: jax.Array, row_max: jax.Array, shift: jax.Array) -> jax.Array:
+    """``x - max`` with the +inf limit taken exactly: 0 at +inf entries, -inf elsewhere."""
+    return jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift).astype(
+        x.dtype
+    )
+
+
+def _split_explicitly(x: jax.Array, axis: int) -> bool:
+    """Whether jit's Explicit sharding splits ``axis`` of ``x`` (a gather along it would fail)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is not None and len(spec) > axis and spec[axis] is not None
+
+
+def _label_logit(
+    x: jax.Array, labels: jax.Array, num_classes: int, axis: int, axis_name: Any
+) -> jax.Array:
+    """The logit of each row's label (arbitrary for out-of-range labels), with ``axis`` kept.
+
+    A gather reads one element per row. Where the class axis is split (shard_map, or an Explicit
+    sharding) a masked sum over the classes is used instead: each device adds the label's logit
+    if it holds it, and one per-row all-reduce finishes the pick.
+    """
+    if axis_name is None and not _split_explicitly(x, axis):
+        safe = jnp.where((labels >= 0) & (labels < num_classes), labels, 0)
+        return jnp.take_along_axis(x, jnp.expand_dims(safe, axis), axis=axis)
+    is_label = _class_ids(x.ndim, axis, x.shape[axis], axis_name) == jnp.expand_dims(labels, axis)
+    return global_sum(jnp.where(is_label, x, 0), (axis,), axis_name)
+
+
 # --------------------------------------------------------------------------------------------
 # integer labels
 
@@ -89,39 +143,48 @@ def _labels_fwd(
     x = logits.astype(compute)
     axes = (axis,)
     num_local = x.shape[axis]
-    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    num_classes = _num_classes(num_local, axis_name)
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
     label_weight = label_weight.astype(compute)
 
-    row_max, _, shifted = shift_logits(x, axes, axis_name)
-    is_label = _class_ids(x.ndim, axis, num_local, axis_name) == jnp.expand_dims(labels, axis)
-    sums: tuple[jax.Array, ...] = (jnp.exp(shifted), jnp.where(is_label, shifted, 0))
+    row_max, shift = _row_shift(x, axes, axis_name)
+    shifted = _clamped_shifted(x, shift)
+    sums: tuple[jax.Array, ...] = (jnp.exp(shifted),)
     if smoothing > 0:
-        # sum_c w_c * (-shifted_c): every term is >= 0, so adding W * log_normalizer later does
-        # not cancel digits. Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
-        class_weight = (
-            jnp.ones((), compute)
-            if weight is None
-            else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
-        )
-        sums += (jnp.where(class_weight == 0, 0, class_weight * -shifted),)
+        # sum_c w_c * (max - x_c): every term is >= 0, so adding W * log_normalizer later does
+        # not cancel digits; a -inf logit makes it +inf (as in torch).
+        if weight is None:
+            sums += (-shifted,)
+        else:
+            # Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
+            class_weight = _local_weight(weight, x.ndim, axis, num_local, axis_name)
+            class_weight = class_weight.astype(compute)
+            exact = _exact_shifted(x, row_max, shift)
+            sums += (jnp.where(class_weight == 0, 0, class_weight * -exact),)
     reduced = global_sum(sums, axes, axis_name)
-    sum_exp, label_shifted = reduced[0], reduced[1]
+    sum_exp = reduced[0]
     log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
+    holds_plus_inf = row_max == jnp.inf
 
     loss = jnp.zeros(log_normalizer.shape, compute)
     if smoothing < 1:
-        nll = log_normalizer - label_shifted
+        label_logit = _label_logit(x, labels, num_classes, axis, axis_name)
+        nll = log_normalizer - _clamped_shifted(label_logit, shift)
+        # Next to a +inf logit, any finite label is infinitely unlikely (the clamp hid that).
+        nll = jnp.where(holds_plus_inf & (label_logit != jnp.inf), jnp.inf, nll)
         loss += (1 - smoothing) * jnp.expand_dims(label_weight, axis) * nll
     if smoothing > 0:
         total_weight = num_classes if weight is None else jnp.sum(weight).astype(compute)
-        smooth = total_weight * log_normalizer + reduced[2]
+        smooth = total_weight * log_normalizer + reduced[1]
+        if weight is None:
+            # sum_exp counts the +inf entries: fewer than C means smoothing mass on the others.
+            smooth = jnp.where(holds_plus_inf & (sum_exp < num_classes), jnp.inf, smooth)
         loss += (smoothing / num_classes) * smooth
     loss = jnp.squeeze(loss, axis)
     # Ignored rows contribute exactly 0 whatever their logits; out-of-range labels give NaN.
     loss = jnp.where(valid, loss, 0)
     loss = jnp.where(out_of_range, jnp.nan, loss)
-    return loss, (logits, labels, weight, row_max, log_normalizer)
+    return loss, (logits, labels, weight, shift, log_normalizer)
 
 
 def _labels_bwd(
@@ -132,17 +195,14 @@ def _labels_bwd(
     residuals: tuple[Any, ...],
     cotangent: jax.Array,
 ) -> tuple[jax.Array, None, None]:
-    logits, labels, weight, row_max, log_normalizer = residuals
+    logits, labels, weight, shift, log_normalizer = residuals
     compute = _compute_dtype(logits.dtype)
     x = logits.astype(compute)
     num_local = x.shape[axis]
-    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    num_classes = _num_classes(num_local, axis_name)
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
-
-    # The row maximum is constant per row: recomputing shifted elementwise needs no reduction.
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    shifted = jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift)
-    probs = jnp.exp(shifted - log_normalizer)
+    # The shift is constant per row: the probabilities come back elementwise, no reduction.
+    probs = jnp.exp(_clamped_shifted(x, shift) - log_normalizer)
 
     is_label = _class_ids(x.ndim, axis, num_local, axis_name) == jnp.expand_dims(labels, axis)
     label_mass = jnp.expand_dims((1 - smoothing) * label_weight.astype(compute), axis)
@@ -206,7 +266,7 @@ def _probs_fwd(
     x = logits.astype(compute)
     axes = (axis,)
     num_local = x.shape[axis]
-    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    num_classes = _num_classes(num_local, axis_name)
     class_weight = (
         None
         if weight is None
@@ -214,14 +274,21 @@ def _probs_fwd(
     )
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
 
-    row_max, _, shifted = shift_logits(x, axes, axis_name)
+    row_max, shift = _row_shift(x, axes, axis_name)
+    exact = _exact_shifted(x, row_max, shift)
     # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
     sum_exp, total_mass, weighted_shifted = global_sum(
-        (jnp.exp(shifted), mass, jnp.where(mass == 0, 0, mass * -shifted)), axes, axis_name
+        (
+            jnp.exp(_clamped_shifted(x, shift)),
+            mass,
+            jnp.where(mass == 0, 0, mass * -exact),
+        ),
+        axes,
+        axis_name,
     )
     log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
     loss = jnp.squeeze(total_mass * log_normalizer + weighted_shifted, axis)
-    return loss, (logits, targets, weight, row_max, log_normalizer, total_mass)
+    return loss, (logits, targets, weight, row_max, shift, log_normalizer, total_mass)
 
 
 def _probs_bwd(
@@ -231,21 +298,18 @@ def _probs_bwd(
     residuals: tuple[Any, ...],
     cotangent: jax.Array,
 ) -> tuple[jax.Array, jax.Array, None]:
-    logits, targets, weight, row_max, log_normalizer, total_mass = residuals
+    logits, targets, weight, row_max, shift, log_normalizer, total_mass = residuals
     compute = _compute_dtype(logits.dtype)
     x = logits.astype(compute)
     num_local = x.shape[axis]
-    num_classes = num_local * (1 if axis_name is None else axis_size(axis_name, "cross_entropy"))
+    num_classes = _num_classes(num_local, axis_name)
     class_weight = (
         None
         if weight is None
         else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
     )
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
-
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    shifted = jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift)
-    log_probs = shifted - log_normalizer
+    log_probs = _exact_shifted(x, row_max, shift) - log_normalizer
     g = jnp.expand_dims(cotangent.astype(compute), axis)
 
     logits_grad = g * (jnp.exp(log_probs) * total_mass - mass)
@@ -310,9 +374,7 @@ def _cross_entropy_jit(
         denominator = jnp.asarray(loss.size, compute)
     else:
         loss = _labels_loss(logits, labels, weight, axis, axis_name, ignore_index, label_smoothing)
-        num_classes = logits.shape[axis] * (
-            1 if axis_name is None else axis_size(axis_name, "cross_entropy")
-        )
+        num_classes = _num_classes(logits.shape[axis], axis_name)
         # torch's mean: the sum over the weights of the non-ignored labels.
         denominator = jnp.sum(_label_weights(labels, weight, ignore_index, num_classes)[2])
     if reduction == "none":

@@ -324,6 +324,27 @@ def test_plus_inf_logits_win_their_row():
     np.testing.assert_allclose(np.asarray(grad[1]), [0.5, -0.5, 0.0], rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("logits", "weight", "expected"),
+    [
+        pytest.param([[jnp.inf, 0.0, 1.0]], None, np.inf, id="smoothing-onto-finite-classes"),
+        pytest.param([[jnp.inf, jnp.inf, jnp.inf]], None, np.log(3.0), id="all-plus-inf"),
+        pytest.param([[jnp.inf, 0.0, 1.0]], [1.0, 0.0, 0.0], 0.0, id="weight-only-on-the-winner"),
+        pytest.param([[jnp.inf, -jnp.inf, 1.0]], [2.0, 1.0, 0.0], np.inf, id="weighted-masked"),
+    ],
+)
+def test_plus_inf_logits_with_label_smoothing(logits, weight, expected):
+    # The +inf limit again: smoothing mass on a class that is not +inf costs +inf.
+    x = jnp.array(logits)
+    labels = jnp.array([0])
+    weight = None if weight is None else jnp.array(weight)
+    loss, grad = jax.value_and_grad(
+        lambda x: jsoftmax.cross_entropy(x, labels, weight=weight, label_smoothing=0.1)
+    )(x)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert not np.any(np.isnan(np.asarray(grad)))
+
+
 def test_nan_stays_in_its_row():
     x = random_logits((3, 4), seed=13).at[1, 2].set(jnp.nan)
     labels = jnp.array([0, 1, 3])

@@ -169,18 +169,28 @@ def test_jit_cross_entropy_on_split_axis(kind, targets):
 
 
 @pytest.mark.parametrize("kind", MESH_KINDS)
-def test_jit_cross_entropy_with_rows_and_classes_split(kind):
-    # Data parallel on one mesh axis, vocabulary parallel on the other: the mean crosses both.
-    mesh = _mesh(kind, (2, 4), ("data", "vocab"))
+@pytest.mark.parametrize(
+    ("mesh_shape", "logits_spec"),
+    [
+        pytest.param((2, 4), P("data", "vocab"), id="rows-and-classes"),
+        pytest.param((4, 2), P("data", None), id="rows-only"),
+    ],
+)
+def test_jit_cross_entropy_with_rows_split(kind, mesh_shape, logits_spec):
+    # Data parallel on one mesh axis (and vocabulary parallel on the other): the mean crosses
+    # devices as a scalar, the per-row values stay on their devices.
+    mesh = _mesh(kind, mesh_shape, ("data", "vocab"))
     x = _logits(seed=6, edge_rows=False)
     labels = np.array([0, 40, 63, -100])
     placed = (
-        jax.device_put(x, NamedSharding(mesh, P("data", "vocab"))),
+        jax.device_put(x, NamedSharding(mesh, logits_spec)),
         jax.device_put(jnp.asarray(labels), NamedSharding(mesh, P("data"))),
     )
     value = jax.jit(jsoftmax.cross_entropy)(*placed)
     np.testing.assert_allclose(to_f64(value), ref_cross_entropy(x, labels), rtol=2e-6)
     _assert_only_small_all_reduces(jsoftmax.cross_entropy, *placed)
+    grad = jax.jit(jax.grad(jsoftmax.cross_entropy))(*placed)
+    assert grad.sharding.spec == logits_spec
 
 
 # --------------------------------------------------------------------------------------------
