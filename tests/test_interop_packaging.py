@@ -14,6 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,3 +101,28 @@ def test_built_wheel_ships_and_imports_jsoftmax_interop(tmp_path):
     assert Path(found["core"]) == site / "jsoftmax" / "__init__.py"
     assert "from_torch" in found["names"] and "softmax" in found["names"]
     assert found["softmax"] == [0.5, 0.5]
+
+
+def test_source_folder_imported_as_top_level_interop_reuses_the_package(tmp_path):
+    # pytest's doctest collection imports interop/*.py as "interop.<module>". Running the
+    # modules twice would re-register the torch custom ops and break the first registration.
+    script = (
+        "import sys, torch; sys.path.insert(0, sys.argv[1]); "
+        "import jsoftmax.interop._ops as canonical, interop._ops as aliased; "
+        "import interop._cross_entropy; "
+        "assert aliased is canonical and aliased._softmax_op is canonical._softmax_op; "
+        "from jsoftmax import interop as api; "
+        "print(api.cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1])).item(), "
+        "api.softmax(torch.zeros(2), 0).tolist())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(REPO)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    loss, probabilities = result.stdout.split(" ", 1)
+    assert float(loss) == pytest.approx(np.log(3.0))
+    assert probabilities.strip() == "[0.5, 0.5]"
