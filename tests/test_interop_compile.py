@@ -1,4 +1,4 @@
-"""The torch-facing softmax as torch.library custom ops: opcheck and torch.compile.
+"""The torch-facing ops as torch.library custom ops: opcheck and torch.compile.
 
 These are the slow interop tests (a few seconds each: inductor compiles C++ on CPU), so they are
 few and use tiny shapes.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from jsoftmax.interop import _ops
+from jsoftmax.interop import _cross_entropy, _ops
 
 from jsoftmax import interop
 
@@ -68,3 +68,33 @@ def test_compiled_module_in_sequential_with_no_graph_break():
     torch.testing.assert_close(ours, theirs)
     for mine, torchs in zip(model.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(mine.grad, torchs.grad)
+
+
+def test_opcheck_cross_entropy_ops():
+    logits = _leaf(4, 3)
+    labels = torch.tensor([0, 2, 1, -100])
+    probabilities = torch.softmax(_leaf(4, 3, seed=3), 1).detach().requires_grad_()
+    weight = torch.tensor([1.0, 2.0, 0.5])
+    op = _cross_entropy._cross_entropy_op
+    torch.library.opcheck(op, (logits, labels, weight, 1, -100, "mean", 0.1, True, False))
+    torch.library.opcheck(op, (logits, probabilities, None, 1, -100, "none", 0.0, True, True))
+    unit = _leaf(4, 3, seed=4).detach()
+    torch.library.opcheck(_cross_entropy._scale_op, (unit, torch.tensor(2.0), 1))
+
+
+def test_compiled_cross_entropy_loss_matches_torch():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 4)
+    labels = torch.tensor([0, 3, 1, -100, 2])
+
+    def step(loss_fn, x):
+        return loss_fn(model(x), labels)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    x = _leaf(5, 6).detach()
+    ours = compiled(interop.CrossEntropyLoss(label_smoothing=0.1), x)
+    (ours_grad,) = torch.autograd.grad(ours, model.weight)
+    theirs = step(torch.nn.CrossEntropyLoss(label_smoothing=0.1), x)
+    (theirs_grad,) = torch.autograd.grad(theirs, model.weight)
+    torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(ours_grad, theirs_grad)
