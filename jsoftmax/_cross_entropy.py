@@ -79,11 +79,17 @@ def _label_weights(
 
 
 def _row_shift(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-    """``(row_max, shift)``: the shift is the row maximum clamped to the largest finite float,
-    and 0 for rows with nothing but -inf (or a NaN)."""
-    row_max = global_max(x, axes, axis_name)
-    clamped_max = jnp.minimum(row_max, jnp.finfo(x.dtype).max)
-    return row_max, jnp.where(jnp.isfinite(clamped_max), clamped_max, 0)
+    """``(row_max, shift)``: the shift is the row maximum clamped to the finite floats.
+
+    A row with nothing but -inf gets the lowest float as its shift, so ``x - shift`` stays -inf
+    there (not ``-inf - -inf = NaN``); a row holding NaN keeps a NaN shift. Min and negate, no
+    select: CPU XLA then fuses the shift into the reductions that use it.
+    """
+    # The maximum is exact in any float dtype: taken before the upcast, it reads bf16 directly.
+    compute = _compute_dtype(x.dtype)
+    row_max = global_max(x, axes, axis_name).astype(compute)
+    largest = jnp.finfo(compute).max
+    return row_max, -jnp.minimum(-jnp.minimum(row_max, largest), largest)
 
 
 def _clamped_shifted(x: jax.Array, shift: jax.Array) -> jax.Array:
@@ -147,14 +153,16 @@ def _labels_fwd(
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
     label_weight = label_weight.astype(compute)
 
-    row_max, shift = _row_shift(x, axes, axis_name)
+    row_max, shift = _row_shift(logits, axes, axis_name)
     shifted = _clamped_shifted(x, shift)
     sums: tuple[jax.Array, ...] = (jnp.exp(shifted),)
     if smoothing > 0:
         # sum_c w_c * (max - x_c): every term is >= 0, so adding W * log_normalizer later does
         # not cancel digits; a -inf logit makes it +inf (as in torch).
         if weight is None:
-            sums += (-shifted,)
+            # From row_max, not the shift: CPU XLA materialises a broadcast that two of its
+            # reductions share. Rows holding +inf or nothing but -inf are fixed up below.
+            sums += (row_max - x,)
         else:
             # Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
             class_weight = _local_weight(weight, x.ndim, axis, num_local, axis_name)
@@ -177,8 +185,14 @@ def _labels_fwd(
         total_weight = num_classes if weight is None else jnp.sum(weight).astype(compute)
         smooth = total_weight * log_normalizer + reduced[1]
         if weight is None:
-            # sum_exp counts the +inf entries: fewer than C means smoothing mass on the others.
-            smooth = jnp.where(holds_plus_inf & (sum_exp < num_classes), jnp.inf, smooth)
+            # sum_exp counts the +inf entries: fewer than C means smoothing mass on the others;
+            # C of them share the mass equally, log_softmax = -log(C) at each.
+            smooth = jnp.where(
+                holds_plus_inf,
+                jnp.where(sum_exp < num_classes, jnp.inf, num_classes * log_normalizer),
+                smooth,
+            )
+            smooth = jnp.where(row_max == -jnp.inf, jnp.inf, smooth)
         loss += (smoothing / num_classes) * smooth
     loss = jnp.squeeze(loss, axis)
     # Ignored rows contribute exactly 0 whatever their logits; out-of-range labels give NaN.
@@ -274,7 +288,7 @@ def _probs_fwd(
     )
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
 
-    row_max, shift = _row_shift(x, axes, axis_name)
+    row_max, shift = _row_shift(logits, axes, axis_name)
     exact = _exact_shifted(x, row_max, shift)
     # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
     sum_exp, total_mass, weighted_shifted = global_sum(
