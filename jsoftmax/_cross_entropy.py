@@ -289,7 +289,9 @@ def _probs_fwd(
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
 
     row_max, shift = _row_shift(logits, axes, axis_name)
-    exact = _exact_shifted(x, row_max, shift)
+    # Shifted by row_max rather than the shift, whose broadcast CPU XLA would otherwise
+    # materialise for the two reductions; rows of nothing but -inf stay -inf.
+    exact = jnp.where(row_max == -jnp.inf, -jnp.inf, _exact_shifted(x, row_max, row_max))
     # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
     sum_exp, total_mass, weighted_shifted = global_sum(
         (
