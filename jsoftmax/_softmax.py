@@ -78,11 +78,21 @@ def _softmax_fwd(x: jax.Array, where: jax.Array | None, axes: Axes) -> tuple[jax
 def _softmax_bwd(axes: Axes, probs: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None]:
     compute = _compute_dtype(probs.dtype)
     y = probs.astype(compute)
-    # Positions with probability 0 (masked) neither receive nor pass on gradient, even when the
-    # incoming cotangent there is inf or NaN.
-    g = jnp.where(probs == 0, 0, cotangent.astype(compute))
+    g = cotangent.astype(compute)
+    # Written without a select, this is one fused pass on CPU XLA (a guard on g costs a whole
+    # extra materialised pass: benchmarks/NOTES.md). Zero-probability positions get exactly 0
+    # for any finite cotangent.
     grad = y * (g - jnp.sum(g * y, axis=axes, keepdims=True))
     return grad.astype(probs.dtype), None
+
+
+def _masked_softmax_bwd(
+    axes: Axes, probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    # With an explicit mask, excluded positions neither receive nor pass on gradient even when the
+    # incoming cotangent there is inf or NaN (the `where(mask, log(p), 0)` trap), as in jax.nn.
+    guarded = jnp.where(probs == 0, jnp.zeros((), cotangent.dtype), cotangent)
+    return _softmax_bwd(axes, probs, guarded)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -90,6 +100,12 @@ def _softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
     return _softmax_fwd(x, where, axes)[0]
 
 
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _masked_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
+    return _softmax_fwd(x, where, axes)[0]
+
+
+_masked_softmax.defvjp(_softmax_fwd, _masked_softmax_bwd)
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
@@ -173,7 +189,9 @@ def _broadcast_mask(where: jax.Array | None, shape: tuple[int, ...]) -> jax.Arra
 @partial(jax.jit, static_argnames=("axes", "dtype"))
 def _softmax_jit(x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any) -> jax.Array:
     x = x.astype(dtype)
-    return _softmax(x, _broadcast_mask(where, x.shape), axes)
+    if where is None:
+        return _softmax(x, None, axes)
+    return _masked_softmax(x, _broadcast_mask(where, x.shape), axes)
 
 
 @partial(jax.jit, static_argnames=("axes", "dtype"))
@@ -217,7 +235,8 @@ def softmax(
       An array of ``x``'s shape and (possibly cast) dtype.
 
     Note:
-      Masked and -inf entries get probability 0 and gradient 0. A slice with nothing unmasked
+      Masked and -inf entries get probability 0 and gradient 0 (with ``where``, even for an inf or
+      NaN cotangent there; without it, for any finite one). A slice with nothing unmasked
       gives 0 (jax.nn and torch give NaN). A +inf entry takes the limit: the +inf entries of a
       slice share probability 1 equally. NaN in a slice makes that slice NaN, and only that slice.
       bf16/f16 are computed in float32 and rounded once. The backward pass is a hand-written
