@@ -47,12 +47,16 @@ def _class_ids(ndim: int, axis: int, num_local: int, axis_name: Any) -> jax.Arra
     return local_ids + lax.axis_index(axis_name).astype(jnp.int32) * num_local
 
 
-def _local_weight(weight: jax.Array, ndim: int, axis: int, num_local: int, axis_name: Any):
-    """The slice of the global class weights that this device's classes use, shaped to broadcast."""
+def _local_weight(weight: jax.Array | None, x: jax.Array, axis: int, axis_name: Any):
+    """The class weights of this device's classes in ``x``'s dtype, shaped to broadcast against
+    ``x`` (None without weights). Under ``axis_name``, the global weights are sliced."""
+    if weight is None:
+        return None
+    num_local = x.shape[axis]
     if axis_name is not None:
         offset = lax.axis_index(axis_name) * num_local
         weight = lax.dynamic_slice_in_dim(weight, offset, num_local)
-    return weight.reshape(_class_shape(ndim, axis, num_local))
+    return weight.reshape(_class_shape(x.ndim, axis, num_local)).astype(x.dtype)
 
 
 def _num_classes(num_local: int, axis_name: Any) -> int:
@@ -165,8 +169,7 @@ def _labels_fwd(
             sums += (row_max - x,)
         else:
             # Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
-            class_weight = _local_weight(weight, x.ndim, axis, num_local, axis_name)
-            class_weight = class_weight.astype(compute)
+            class_weight = _local_weight(weight, x, axis, axis_name)
             exact = _exact_shifted(x, row_max, shift)
             sums += (jnp.where(class_weight == 0, 0, class_weight * -exact),)
     reduced = global_sum(sums, axes, axis_name)
@@ -227,8 +230,8 @@ def _labels_bwd(
             target = target + smoothing / num_classes
             total_mass = total_mass + smoothing
         else:
-            class_weight = _local_weight(weight, x.ndim, axis, num_local, axis_name)
-            target = target + (smoothing / num_classes) * class_weight.astype(compute)
+            class_weight = _local_weight(weight, x, axis, axis_name)
+            target = target + (smoothing / num_classes) * class_weight
             total_mass = total_mass + (smoothing / num_classes) * jnp.sum(weight).astype(compute)
 
     g = jnp.expand_dims(jnp.where(valid, cotangent.astype(compute), 0), axis)
@@ -281,11 +284,7 @@ def _probs_fwd(
     axes = (axis,)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
-    class_weight = (
-        None
-        if weight is None
-        else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
-    )
+    class_weight = _local_weight(weight, x, axis, axis_name)
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
 
     row_max, shift = _row_shift(logits, axes, axis_name)
@@ -319,11 +318,7 @@ def _probs_bwd(
     x = logits.astype(compute)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
-    class_weight = (
-        None
-        if weight is None
-        else _local_weight(weight, x.ndim, axis, num_local, axis_name).astype(compute)
-    )
+    class_weight = _local_weight(weight, x, axis, axis_name)
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
     log_probs = _exact_shifted(x, row_max, shift) - log_normalizer
     g = jnp.expand_dims(cotangent.astype(compute), axis)
