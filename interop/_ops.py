@@ -20,6 +20,7 @@ materialised.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -136,11 +137,36 @@ def _jax_double_backward(
 # custom ops
 
 
-@torch.library.custom_op("jsoftmax::softmax", mutates_args=())
-def _softmax_op(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+def eager_tensors(*tensors: torch.Tensor) -> bool:
+    """Whether an op's implementation may run directly, skipping torch's custom-op dispatch.
+
+    True for plain tensors in eager mode. Under ``torch.compile``, ``torch.jit.trace`` and
+    tracing with fake or functional tensors (subclasses), the op itself must be called so that
+    it is recorded; the implementation is the same function either way.
+    """
+    return (
+        not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
+        and all(type(tensor) is torch.Tensor for tensor in tensors)
+    )
+
+
+def _softmax_forward(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     with x64_scope(input.dtype):
         x = import_compact(input, "softmax", "input")
         return export_array(_jax_forward(x, tuple(input.shape), dim, log), None)
+
+
+def _softmax_backward(
+    grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool
+) -> torch.Tensor:
+    with x64_scope(output.dtype):
+        grad = import_compact(grad_output, "softmax backward", "grad_output")
+        out = import_compact(output, "softmax backward", "output")
+        return export_array(_jax_backward(grad, out, dim, log), None)
+
+
+_softmax_op = torch.library.custom_op("jsoftmax::softmax", mutates_args=())(_softmax_forward)
 
 
 @_softmax_op.register_fake
@@ -149,14 +175,9 @@ def _(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     return input.new_empty(input.shape)
 
 
-@torch.library.custom_op("jsoftmax::softmax_backward", mutates_args=())
-def _softmax_backward_op(
-    grad_output: torch.Tensor, output: torch.Tensor, dim: int, log: bool
-) -> torch.Tensor:
-    with x64_scope(output.dtype):
-        grad = import_compact(grad_output, "softmax backward", "grad_output")
-        out = import_compact(output, "softmax backward", "output")
-        return export_array(_jax_backward(grad, out, dim, log), None)
+_softmax_backward_op = torch.library.custom_op("jsoftmax::softmax_backward", mutates_args=())(
+    _softmax_backward
+)
 
 
 @_softmax_backward_op.register_fake
@@ -199,6 +220,9 @@ def _save_output(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> Non
 
 def _softmax_grad(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
     (output,) = ctx.saved_tensors
+    if not torch.is_grad_enabled() and eager_tensors(grad_output, output):
+        # A first-order backward in eager mode: nothing needs the op's own autograd record.
+        return _softmax_backward(grad_output, output, ctx.dim, ctx.log), None, None
     return _softmax_backward_op(grad_output, output, ctx.dim, ctx.log), None, None
 
 
@@ -229,6 +253,25 @@ torch.library.register_autograd(
 torch.library.register_autograd("jsoftmax::softmax_double_backward", _third_derivative)
 
 
+class _EagerSoftmax(torch.autograd.Function):
+    """``jsoftmax::softmax`` with the same autograd formula, for eager mode only.
+
+    torch's custom-op autograd wrapper costs ~25 us per call in Python; eager calls do not need
+    the op to be recorded, so they take this shorter route. The backward pass is shared
+    (:func:`_softmax_grad`), so second derivatives go through the registered backward op.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
+        output = _softmax_forward(input, dim, log)
+        _save_output(ctx, (input, dim, log), output)
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Any, ...]:
+        return _softmax_grad(ctx, grad_output)
+
+
 # --------------------------------------------------------------------------------------------
 # public functions
 
@@ -239,10 +282,17 @@ def _normalize(input: Any, dim: Any, dtype: Any, log: bool, fname: str) -> torch
     axis = normalize_dim(dim, input.ndim, fname)
     if dtype is not None and input.dtype != dtype:
         input = input.to(dtype)
+    apply: Callable[[torch.Tensor, int, bool], torch.Tensor]
+    if not eager_tensors(input):
+        apply = _softmax_op  # recorded by torch.compile and other tracers
+    elif torch.is_grad_enabled() and input.requires_grad:
+        apply = _EagerSoftmax.apply  # same autograd formula, ~25 us less dispatch per call
+    else:
+        apply = _softmax_forward  # nothing to record
     if input.ndim == 0:
         # torch normalises a 0-d tensor as a single-element slice.
-        return _softmax_op(input.reshape(1), 0, log).reshape(())
-    return _softmax_op(input, axis, log)
+        return apply(input.reshape(1), 0, log).reshape(())
+    return apply(input, axis, log)
 
 
 def softmax(input: torch.Tensor, dim: int, *, dtype: torch.dtype | None = None) -> torch.Tensor:

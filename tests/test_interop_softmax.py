@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from _helpers import ref_log_softmax, tolerance
-from jsoftmax.interop import _convert
+from jsoftmax.interop import _convert, _ops
 
 from jsoftmax import interop
 
@@ -279,6 +279,18 @@ def test_second_derivatives_match_torch(name):
         (grad_of_grad,) = torch.autograd.grad((grad * weights).sum(), x)
         hessian_vector.append(grad_of_grad)
     torch.testing.assert_close(hessian_vector[0], hessian_vector[1], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_the_custom_op_route_has_the_same_derivatives(log):
+    # Eager calls take a shorter route (an autograd.Function); torch.compile and other tracers
+    # record the custom op. Both must give exact first and second derivatives.
+    x = _leaf(_logits((3, 5), scale=1.0), torch.float64)
+    assert torch.autograd.gradcheck(lambda t: _ops._softmax_op(t, 1, log), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: _ops._softmax_op(t, 1, log), (x,))
+    eager = (interop.log_softmax if log else interop.softmax)(x, 1)
+    assert eager.grad_fn is not None and "_EagerSoftmax" in type(eager.grad_fn).__name__
+    torch.testing.assert_close(eager, _ops._softmax_op(x, 1, log), rtol=0, atol=0)
 
 
 def test_third_derivative_raises_clearly():
