@@ -266,7 +266,8 @@ def import_tensor(
             )
         view = view.resolve_conj().resolve_neg()
         fresh = True
-    if not x64_enabled():
+    wide = view.dtype in _WIDE_FLOATS or view.dtype in _NARROWED_INTEGERS
+    if wide and not x64_enabled():
         if view.dtype in _WIDE_FLOATS:
             raise TypeError(
                 f"{fname}: {argname} expected a dtype JAX holds with jax_enable_x64 off, got "
@@ -283,7 +284,8 @@ def import_tensor(
             view = _narrow_integers(view, fname, argname)
             fresh = True
     if not fresh:
-        if not _is_aliasable_layout(view):
+        contiguous = view.is_contiguous()
+        if not (contiguous or _is_aliasable_layout(view)):
             if copy is False:
                 raise ValueError(
                     f"{fname}: copy=False but {argname}'s layout (shape {tuple(view.shape)}, "
@@ -293,7 +295,7 @@ def import_tensor(
             view = _dense_copy(view)
         elif copy:
             view = _dense_copy(view)
-        elif view.is_contiguous() and view.stride() != _canonical_strides(view.shape):
+        elif contiguous and 1 in view.shape and view.stride() != _canonical_strides(view.shape):
             # Odd strides on size-1 dims would give JAX a non-default layout for nothing.
             view = view.as_strided(view.shape, _canonical_strides(view.shape))
     try:
