@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +23,7 @@ from ._contenders import DeviceUnavailable
 from ._environment import describe, format_environment
 from ._run import run
 
-SUITES = ("headline", "triton", "lm", "attention", "classification", "non-last axis")
+SUITES = ("headline", "triton", "lm", "attention", "classification", "non-last-axis")
 
 
 def _split(text: str) -> list[str]:
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="print the planned cases and exit")
     parser.add_argument(
+        "--render-results",
+        action="store_true",
+        help="write benchmarks/RESULTS.md from the runs under benchmarks/results/ and exit",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny sizes and 3 rounds everywhere: checks that the harness runs (CI); its "
@@ -79,12 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, bool]:
-    """The run's settings from the command line, and whether only to list the cases."""
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, str | None]:
+    """The run's settings from the command line, and the action instead of a run, if any."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
     config = RunConfig(
-        device=args.device, quick=args.quick or args.smoke, seed=args.seed, smoke=args.smoke
+        device=args.device,
+        quick=args.quick or args.smoke,
+        seed=args.seed,
+        smoke=args.smoke,
+        command=" ".join(["python -m benchmarks", *(shlex.quote(word) for word in words)]),
     )
     config.out = Path(args.out)
     if args.dtype:
@@ -128,13 +139,27 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, bool
         config.budget_s = args.budget
     config.plots = not args.no_plots
     config.keep_samples = args.samples
-    return config, args.list
+    action = "list" if args.list else "render" if args.render_results else None
+    return config, action
+
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent
+
+
+def render_results(benchmarks_dir: Path = BENCHMARKS_DIR) -> Path:
+    """Writes ``RESULTS.md`` from the runs under ``results/``; returns its path."""
+    path = benchmarks_dir / "RESULTS.md"
+    path.write_text(_report.render_results_md(benchmarks_dir / "results", benchmarks_dir))
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, list_only = config_from_args(argv)
+    config, action = config_from_args(argv)
+    if action == "render":
+        print(f"Wrote {render_results()}")
+        return 0
     cases = plan_cases(config) if "timing" in config.sections else []
-    if list_only:
+    if action == "list":
         for case in cases:
             print(case.label(), f"[{'+'.join(case.suites)}]")
         print(f"{len(cases)} cases; contenders: {', '.join(config.resolved_contenders())}")

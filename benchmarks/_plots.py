@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -99,8 +100,7 @@ def plot_bandwidth(report: dict[str, Any], dtype: str, path: Path) -> bool:
         f"(forward 2x, backward 3x, both 5x the input's bytes); bars: p20-p80"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_png(figure, path)
     return True
 
 
@@ -126,6 +126,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> bool:
                     colors="black",
                     linestyles="--",
                     label="floor (max)" if position == 0 else None,
+                    zorder=3,
                 )
             for index, name in enumerate(contenders):
                 row = lookup.get((dtype, name))
@@ -152,8 +153,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> bool:
         f"accuracy on a {'x'.join(str(dim) for dim in shape)} input; dashed: the rounding floor"
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_png(figure, path)
     return True
 
 
@@ -181,9 +181,22 @@ def plot_interop(report: dict[str, Any], path: Path) -> bool:
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
-    plt.close(figure)
+    save_png(figure, path)
     return True
+
+
+def save_png(figure: Any, path: Path) -> None:
+    """Saves a figure as a small PNG: rendered at 90 dpi, then reduced to a 256-colour palette
+    (line plots use few colours; this keeps the committed results a few hundred KB)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=90, format="png")
+    plt.close(figure)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        palette = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+        palette.save(path, optimize=True)
 
 
 def write_plots(report: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -218,6 +218,7 @@ def config_summary(config: RunConfig, target: Any) -> dict[str, Any]:
         "rounds": [config.min_rounds(), config.max_rounds()],
         "rotate_bytes": target.rotate_bytes,
         "seed": config.seed,
+        "command": config.command,
     }
 
 
@@ -371,7 +372,7 @@ def format_compile_memory(rows: Sequence[dict[str, Any]]) -> str:
         if row is None:
             return "-"
         memory = row.get("peak_extra_bytes")
-        memory_text = f"{memory / 2**20:.0f} MiB" if memory is not None else "n/a"
+        memory_text = f"{memory / 2**20:.3g} MiB" if memory is not None else "n/a"
         return f"{row['compile_s']:.2f} s / {memory_text}"
 
     body = [
@@ -549,7 +550,8 @@ def format_report(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"contenders {', '.join(config['contenders'])}; per case about "
         f"{config['case_budget_s']} s of samples, {config['rounds'][0]}-{config['rounds'][1]} "
         f"interleaved rounds; inputs rotated over {config['rotate_bytes'] / 2**20:.0f} MiB; "
-        f"took {report.get('elapsed_s', 0):.0f} s.",
+        f"took {report.get('elapsed_s', 0):.0f} s."
+        + (f" Command: `{config['command']}`." if config.get("command") else ""),
         "## Headline",
         format_headline(report.get("headline")),
         format_ratio_summary(report.get("ratio_summary")),
@@ -618,7 +620,7 @@ def write_outputs(
             for row in report.get("timings", [])
         ]
     json_path = out_dir / "results.json"
-    json_path.write_text(json.dumps(_finite(stored), indent=1, default=_json_default) + "\n")
+    json_path.write_text(dump_json(stored))
     written["results.json"] = json_path
     csv_path = out_dir / "timings.csv"
     with csv_path.open("w", newline="") as handle:
@@ -626,11 +628,13 @@ def write_outputs(
         writer.writeheader()
         for row in report.get("timings", []):
             writer.writerow(
-                {
-                    **row,
-                    "shape": "x".join(str(dim) for dim in row["shape"]),
-                    "suites": "+".join(row["suites"]),
-                }
+                _rounded(
+                    {
+                        **row,
+                        "shape": "x".join(str(dim) for dim in row["shape"]),
+                        "suites": "+".join(row["suites"]),
+                    }
+                )
             )
     written["timings.csv"] = csv_path
     if report.get("accuracy"):
@@ -639,12 +643,92 @@ def write_outputs(
             columns = list(report["accuracy"][0])
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(report["accuracy"])
+            writer.writerows(_rounded(row) for row in report["accuracy"])
         written["accuracy.csv"] = accuracy_path
     markdown_path = out_dir / "report.md"
     markdown_path.write_text(format_report(report, plot_names))
     written["report.md"] = markdown_path
     return written
+
+
+SIGNIFICANT_DIGITS = 4
+
+
+def _rounded(value: Any) -> Any:
+    """Floats cut to 4 significant digits (far below run-to-run noise), recursively.
+
+    >>> _rounded({"median_s": 0.024137219, "shape": [64, 4096], "gbps": [1.0, 123456.7]})
+    {'median_s': 0.02414, 'shape': [64, 4096], 'gbps': [1.0, 123500.0]}
+    """
+    if isinstance(value, float):
+        return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(item) for item in value]
+    return value
+
+
+def dump_json(report: dict[str, Any]) -> str:
+    """The report as JSON: rounded figures, tables one row per line (small and diffable).
+
+    A list of rows that all have the same keys is written as a table,
+    ``{"columns": [...], "rows": [[...], ...]}``; :func:`load_report` turns it back.
+
+    >>> print(dump_json({"schema": 1, "timings": [{"a": 1.0, "b": "x"}, {"a": 2.5, "b": "y"}]}))
+    {
+     "schema": 1,
+     "timings": {"columns": ["a", "b"], "rows": [
+      [1.0, "x"],
+      [2.5, "y"]
+     ]}
+    }
+    """
+    data = _finite(_rounded(report))
+    lines = ["{"]
+    for index, (key, value) in enumerate(data.items()):
+        comma = "," if index < len(data) - 1 else ""
+        head = f" {json.dumps(key)}: "
+        if _is_table(value):
+            columns = list(value[0])
+            rows = [
+                f"  {json.dumps([row[column] for column in columns], default=_json_default)}"
+                for row in value
+            ]
+            lines += [
+                head + f'{{"columns": {json.dumps(columns)}, "rows": [',
+                ",\n".join(rows),
+                f" ]}}{comma}",
+            ]
+        else:
+            lines.append(head + json.dumps(value, default=_json_default) + comma)
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _is_table(value: Any) -> bool:
+    if not isinstance(value, list) or len(value) < 2:
+        return False
+    if not all(isinstance(row, dict) for row in value):
+        return False
+    return all(list(row) == list(value[0]) for row in value)
+
+
+def load_report(path: Path) -> dict[str, Any]:
+    """A ``results.json`` as the dict :func:`benchmarks.run` returned (tables as lists of rows).
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     path = Path(folder) / "results.json"
+    ...     _ = path.write_text(dump_json({"timings": [{"a": 1.0}, {"a": 2.0}], "notes": []}))
+    ...     load_report(path)
+    {'timings': [{'a': 1.0}, {'a': 2.0}], 'notes': []}
+    """
+    data = json.loads(path.read_text())
+    for key, value in data.items():
+        if isinstance(value, dict) and set(value) == {"columns", "rows"}:
+            data[key] = [dict(zip(value["columns"], row, strict=True)) for row in value["rows"]]
+    return data
 
 
 def _finite(value: Any) -> Any:
@@ -668,3 +752,57 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def render_results_md(results_root: Path, relative_to: Path) -> str:
+    """RESULTS.md: for each committed run under ``results_root`` (one folder per device), its
+    machine, date, command, headline ratios, plots and a link to its full report.
+
+    Paths in the page are relative to ``relative_to`` (the folder RESULTS.md lives in).
+    """
+    parts = [
+        "# Benchmark results",
+        "How jsoftmax compares with jax.nn, a naive jnp formula, torch and torch.compile on the "
+        "machines below. Generated by `python -m benchmarks --render-results` from the runs "
+        "committed under `benchmarks/results/<device>/`; refresh a run with the command quoted "
+        "in its section, then re-render. Method: [NOTES.md](NOTES.md).",
+    ]
+    devices = sorted(path.parent for path in results_root.glob("*/results.json"))
+    for folder in devices:
+        report = load_report(folder / "results.json")
+        environment = report["environment"]
+        config = report["config"]
+        link = folder.relative_to(relative_to).as_posix()
+        hardware = environment["cpu_model"] + f", {environment['usable_cores']} cores"
+        if environment.get("gpu_name"):
+            hardware = f"{environment['gpu_name']} (host: {hardware})"
+        parts += [
+            f"## {config['device'].upper()}: {hardware}",
+            f"Taken {environment['date_utc']} with jax {environment['jax']}, torch "
+            f"{environment.get('torch')}, jsoftmax at {environment.get('git_revision') or '?'}; "
+            f"{'quick' if config['quick'] else 'full'} run, {report.get('elapsed_s', 0):.0f} s. "
+            f"Command: `{config.get('command') or 'python -m benchmarks'}`.",
+        ]
+        busy = busy_machine_warning(environment)
+        if busy:
+            parts.append(busy)
+        parts += [
+            format_headline(report.get("headline")),
+            format_ratio_summary(report.get("ratio_summary")),
+        ]
+        plots = sorted(path.name for path in folder.glob("*.png"))
+        parts += [f"![{name}]({link}/{name})" for name in plots]
+        parts.append(
+            f"Every figure: [{link}/report.md]({link}/report.md) (tables), "
+            f"[results.json]({link}/results.json), [timings.csv]({link}/timings.csv)."
+        )
+    if not devices:
+        parts.append("No runs committed yet.")
+    if not any(folder.name == "gpu" for folder in devices):
+        parts += [
+            "## GPU",
+            "Not measured yet: no session so far had the lent GPU machine. On one, run "
+            "`python -m benchmarks --device gpu --out benchmarks/results/gpu`, then "
+            "`python -m benchmarks --render-results`.",
+        ]
+    return "\n\n".join(part for part in parts if part) + "\n"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from . import _cross_entropy, _report
 from ._accuracy import run_accuracy
@@ -17,16 +18,16 @@ from ._contenders import CaseData, Target, make_runner, make_target
 from ._environment import describe, last_level_cache_bytes, load_average, usable_cores
 from ._interop import run_interop
 from ._overhead import run_overhead
-from ._timing import measure
+from ._timing import Timing, measure
 
 
 def stderr_progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _timing_row(case: Case, name: str, timing: Any) -> dict[str, Any]:
+def _timing_row(case: Case, name: str, timing: Timing) -> dict[str, Any]:
     factor = 2 if name in COPY_ROWS else MODEL_BYTES_FACTOR[case.pass_]
-    model_bytes = factor * case.size * jax.numpy.dtype(case.dtype).itemsize
+    model_bytes = factor * case.size * jnp.dtype(case.dtype).itemsize
     return {
         "op": case.op,
         "shape": list(case.shape),
@@ -48,7 +49,6 @@ def _timing_row(case: Case, name: str, timing: Any) -> dict[str, Any]:
         "gbps_p20": model_bytes / timing.p80_s / 1e9,
         "gbps_p80": model_bytes / timing.p20_s / 1e9,
         "peak_extra_bytes": None,
-        "note": "",
         "samples_s": list(timing.per_call_s),
     }
 

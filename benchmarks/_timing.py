@@ -97,7 +97,7 @@ def _warm_up(runner: Runner, sync_each: bool) -> float:
     The fastest warm call sizes the samples: one call stalled by the scheduler must not shrink
     every later sample to a single call. Fast calls get up to 10 tries within 20 ms.
     """
-    times = []
+    times: list[float] = []
     spent = 0.0
     while len(times) < max(1, runner.warmup_calls - 1) or (len(times) < 10 and spent < 0.02):
         times.append(_sample(runner, 1, sync_each))
