@@ -51,7 +51,8 @@ HEADLINE_DTYPE = "float32"
 # The smoke test's sweep: one headline shape (so the headline is computed; every op and pass) and
 # two 4096 x N shapes (so the bandwidth plot is drawn; softmax forward only), all small.
 SMOKE_SHAPES: tuple[tuple[int, ...], ...] = ((64, 4096), (4096, 16), (4096, 64))
-# Quick runs time the backward alone and the low-precision dtypes on this shape only.
+# Quick runs time the backward alone (float32) and the low-precision dtypes (fwd, fwd+bwd) on
+# this shape only.
 QUICK_DETAIL_SHAPE = (1024, 4096)
 HEADLINE_PASSES = ("fwd", "fwd+bwd")
 
@@ -282,6 +283,11 @@ def plan_cases(config: RunConfig) -> list[Case]:
                     continue
                 for pass_ in spec.passes:
                     if pass_ not in config.passes:
+                        continue
+                    quick_low_precision = (
+                        config.quick and config.shapes is None and dtype != "float32"
+                    )
+                    if quick_low_precision and pass_ == "bwd":
                         continue
                     key = (op, spec.shape, axis, dtype, pass_)
                     suites_of.setdefault(key, [])

@@ -89,7 +89,7 @@ def _shapes(config: RunConfig) -> tuple[tuple[int, int], ...]:
     if config.smoke:
         return ((16, 1000),)
     if config.quick:
-        return ((512, 32000),)
+        return ((256, 32000),)
     if config.device == "gpu":
         return ((8192, 32000), (8192, 128256), (4096, 1000))
     return ((512, 32000), (128, 128256), (4096, 1000))
