@@ -116,7 +116,7 @@ def _jax_forward(x: jax.Array, shape: tuple[int, ...], axis: int, log: bool) -> 
 @partial(jax.jit, static_argnames=("axis", "log"))
 def _jax_backward(grad_output: jax.Array, output: jax.Array, axis: int, log: bool) -> jax.Array:
     grad_input, _ = _backward_rule(log)(
-        (axis,), output, jnp.broadcast_to(grad_output, output.shape)
+        (axis,), None, output, jnp.broadcast_to(grad_output, output.shape)
     )
     return grad_input
 
@@ -126,7 +126,7 @@ def _jax_double_backward(
     grad_grad_input: jax.Array, grad_output: jax.Array, output: jax.Array, axis: int, log: bool
 ) -> tuple[jax.Array, jax.Array]:
     def backward(out: jax.Array, grad: jax.Array) -> jax.Array:
-        return _backward_rule(log)((axis,), out, grad)[0]
+        return _backward_rule(log)((axis,), None, out, grad)[0]
 
     _, pullback = jax.vjp(backward, output, jnp.broadcast_to(grad_output, output.shape))
     grad_of_output, grad_of_grad_output = pullback(jnp.broadcast_to(grad_grad_input, output.shape))

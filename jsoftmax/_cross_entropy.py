@@ -26,8 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collective import axis_size, global_max, global_sum
-from ._softmax import _compute_dtype
+from ._reductions import axis_size, compute_dtype, global_max, global_sum
 from ._validation import check_input, is_arraylike
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -90,7 +89,7 @@ def _row_shift(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax
     select: CPU XLA then fuses the shift into the reductions that use it.
     """
     # The maximum is exact in any float dtype: taken before the upcast, it reads bf16 directly.
-    compute = _compute_dtype(x.dtype)
+    compute = compute_dtype(x.dtype)
     row_max = global_max(x, axes, axis_name).astype(compute)
     largest = jnp.finfo(compute).max
     return row_max, -jnp.minimum(-jnp.minimum(row_max, largest), largest)
@@ -149,7 +148,7 @@ def _labels_fwd(
     ignore_index: int,
     smoothing: float,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.astype(compute)
     axes = (axis,)
     num_local = x.shape[axis]
@@ -213,7 +212,7 @@ def _labels_bwd(
     cotangent: jax.Array,
 ) -> tuple[jax.Array, None, None]:
     logits, labels, weight, shift, log_normalizer = residuals
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.astype(compute)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
@@ -279,7 +278,7 @@ def _probs_fwd(
     axis_name: Any,
     smoothing: float,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.astype(compute)
     axes = (axis,)
     num_local = x.shape[axis]
@@ -314,7 +313,7 @@ def _probs_bwd(
     cotangent: jax.Array,
 ) -> tuple[jax.Array, jax.Array, None]:
     logits, targets, weight, row_max, shift, log_normalizer, total_mass = residuals
-    compute = _compute_dtype(logits.dtype)
+    compute = compute_dtype(logits.dtype)
     x = logits.astype(compute)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
@@ -375,7 +374,7 @@ def _cross_entropy_jit(
     dtype: Any,
 ) -> jax.Array:
     logits = logits.astype(dtype)
-    compute = _compute_dtype(dtype)
+    compute = compute_dtype(dtype)
     # Class weights are constants (torch does not differentiate them either).
     if weight is not None:
         weight = lax.stop_gradient(weight.astype(compute))

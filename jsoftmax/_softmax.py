@@ -14,6 +14,9 @@ Numerics, shared by all three:
 * A +inf entry wins its slice (the limit as that logit grows): the +inf entries share the mass
   equally, everything else gets 0; logsumexp is +inf.
 * NaN in a slice makes that slice NaN; other slices are untouched.
+
+With ``axis_name`` (inside ``jax.shard_map``) the same kernels reduce across that mesh axis too,
+forward and backward (``_reductions.py``): one code path, local or sharded.
 """
 
 from __future__ import annotations
@@ -23,44 +26,30 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
+from ._reductions import Axes, axis_size, compute_dtype, global_max, global_sum, masked_input
 from ._validation import as_mask, check_input, normalize_axes
-
-Axes = tuple[int, ...]
-
-
-def _compute_dtype(dtype: Any) -> Any:
-    """float32 for sub-32-bit floats (bf16, f16, f8), the dtype itself otherwise."""
-    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
-
-
-def _masked_input(x: jax.Array, where: jax.Array | None) -> jax.Array:
-    """x in its compute dtype, with masked entries set to -inf."""
-    compute = x.astype(_compute_dtype(x.dtype))
-    if where is None:
-        return compute
-    return jnp.where(where, compute, -jnp.inf)
 
 
 def _shift_and_sum(
-    logits: jax.Array, axes: Axes
+    logits: jax.Array, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """The pieces every function needs: (row_max, shifted, sum_exp, safe_sum).
 
     ``shifted = logits - shift`` with a shift that is constant under differentiation. The shift is
     the slice maximum when finite and 0 otherwise, so a fully masked slice stays -inf (not
     ``-inf - -inf = NaN``) and a NaN slice stays NaN. ``safe_sum`` is ``sum_exp`` with 0 (fully
-    masked slices only: otherwise the maximum contributes exp(0) = 1) replaced by 1.
+    masked slices only: otherwise the maximum contributes exp(0) = 1) replaced by 1. With
+    ``axis_name`` the maximum and the sum run across that mesh axis too.
     """
-    row_max = lax.stop_gradient(jnp.max(logits, axis=axes, keepdims=True, initial=-jnp.inf))
+    row_max = global_max(logits, axes, axis_name)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
     shifted = logits - shift
     # Slices holding +inf take the limit: +inf entries -> 0, all others -> -inf.
     shifted = jnp.where(
         row_max == jnp.inf, jnp.where(logits == jnp.inf, 0.0, -jnp.inf), shifted
     ).astype(logits.dtype)
-    sum_exp = jnp.sum(jnp.exp(shifted), axis=axes, keepdims=True)
+    sum_exp = global_sum(jnp.exp(shifted), axes, axis_name)
     safe_sum = jnp.where(sum_exp == 0, 1, sum_exp)
     return row_max, shifted, sum_exp, safe_sum
 
@@ -69,44 +58,48 @@ def _shift_and_sum(
 # softmax
 
 
-def _softmax_fwd(x: jax.Array, where: jax.Array | None, axes: Axes) -> tuple[jax.Array, jax.Array]:
-    _, shifted, _, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+def _softmax_fwd(
+    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
+) -> tuple[jax.Array, jax.Array]:
+    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
     probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype)
     return probs, probs
 
 
-def _softmax_bwd(axes: Axes, probs: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None]:
-    compute = _compute_dtype(probs.dtype)
+def _softmax_bwd(
+    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    compute = compute_dtype(probs.dtype)
     y = probs.astype(compute)
     g = cotangent.astype(compute)
     # Written without a select, this is one fused pass on CPU XLA (a guard on g costs a whole
     # extra materialised pass: benchmarks/NOTES.md). Zero-probability positions get exactly 0
     # for any finite cotangent.
-    grad = y * (g - jnp.sum(g * y, axis=axes, keepdims=True))
+    grad = y * (g - global_sum(g * y, axes, axis_name))
     return grad.astype(probs.dtype), None
 
 
 def _masked_softmax_bwd(
-    axes: Axes, probs: jax.Array, cotangent: jax.Array
+    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
 ) -> tuple[jax.Array, None]:
     # With an explicit mask, excluded positions neither receive nor pass on gradient even when the
     # incoming cotangent there is inf or NaN (the `where(mask, log(p), 0)` trap), as in jax.nn.
     guarded = jnp.where(probs == 0, jnp.zeros((), cotangent.dtype), cotangent)
-    return _softmax_bwd(axes, probs, guarded)
+    return _softmax_bwd(axes, axis_name, probs, guarded)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
-    return _softmax_fwd(x, where, axes)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
+    return _softmax_fwd(x, where, axes, axis_name)[0]
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _masked_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
-    return _softmax_fwd(x, where, axes)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _masked_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
+    return _softmax_fwd(x, where, axes, axis_name)[0]
 
 
-_masked_softmax.defvjp(_softmax_fwd, _masked_softmax_bwd)
 _softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_masked_softmax.defvjp(_softmax_fwd, _masked_softmax_bwd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,9 +107,9 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def _log_softmax_fwd(
-    x: jax.Array, where: jax.Array | None, axes: Axes
+    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array]:
-    _, shifted, _, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
     # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
     # x - (m + log(sum)) loses at large |x|.
     log_probs = (shifted - jnp.log(safe_sum)).astype(x.dtype)
@@ -124,19 +117,19 @@ def _log_softmax_fwd(
 
 
 def _log_softmax_bwd(
-    axes: Axes, log_probs: jax.Array, cotangent: jax.Array
+    axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
 ) -> tuple[jax.Array, None]:
-    compute = _compute_dtype(log_probs.dtype)
+    compute = compute_dtype(log_probs.dtype)
     y = log_probs.astype(compute)
     # Masked (-inf) outputs are constants: their cotangent must not reach the sum.
     g = jnp.where(log_probs == -jnp.inf, 0, cotangent.astype(compute))
-    grad = g - jnp.exp(y) * jnp.sum(g, axis=axes, keepdims=True)
+    grad = g - jnp.exp(y) * global_sum(g, axes, axis_name)
     return grad.astype(log_probs.dtype), None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
-    return _log_softmax_fwd(x, where, axes)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
+    return _log_softmax_fwd(x, where, axes, axis_name)[0]
 
 
 _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
@@ -147,9 +140,9 @@ _log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
 
 
 def _logsumexp_value(
-    x: jax.Array, where: jax.Array | None, axes: Axes, with_probs: bool
+    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any, with_probs: bool
 ) -> tuple[jax.Array, jax.Array | None]:
-    row_max, shifted, sum_exp, safe_sum = _shift_and_sum(_masked_input(x, where), axes)
+    row_max, shifted, sum_exp, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
     log_normalizer = jnp.where(row_max == jnp.inf, jnp.inf, shift + jnp.log(sum_exp))
     probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype) if with_probs else None
@@ -157,22 +150,26 @@ def _logsumexp_value(
 
 
 def _logsumexp_fwd(
-    x: jax.Array, where: jax.Array | None, axes: Axes
+    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array]:
-    log_normalizer, probs = _logsumexp_value(x, where, axes, with_probs=True)
+    log_normalizer, probs = _logsumexp_value(x, where, axes, axis_name, with_probs=True)
     assert probs is not None
     return log_normalizer, probs
 
 
-def _logsumexp_bwd(axes: Axes, probs: jax.Array, cotangent: jax.Array) -> tuple[jax.Array, None]:
-    compute = _compute_dtype(probs.dtype)
+def _logsumexp_bwd(
+    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    # The cotangent is per slice (the same on every shard): each entry's gradient is its own
+    # probability times it.
+    compute = compute_dtype(probs.dtype)
     grad = probs.astype(compute) * cotangent.astype(compute)
     return grad.astype(probs.dtype), None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes) -> jax.Array:
-    return _logsumexp_value(x, where, axes, with_probs=False)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
+    return _logsumexp_value(x, where, axes, axis_name, with_probs=False)[0]
 
 
 _logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
@@ -186,26 +183,35 @@ def _broadcast_mask(where: jax.Array | None, shape: tuple[int, ...]) -> jax.Arra
     return None if where is None else jnp.broadcast_to(where, shape)
 
 
-@partial(jax.jit, static_argnames=("axes", "dtype"))
-def _softmax_jit(x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any) -> jax.Array:
-    x = x.astype(dtype)
-    if where is None:
-        return _softmax(x, None, axes)
-    return _masked_softmax(x, _broadcast_mask(where, x.shape), axes)
-
-
-@partial(jax.jit, static_argnames=("axes", "dtype"))
-def _log_softmax_jit(x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any) -> jax.Array:
-    x = x.astype(dtype)
-    return _log_softmax(x, _broadcast_mask(where, x.shape), axes)
-
-
-@partial(jax.jit, static_argnames=("axes", "dtype", "keepdims"))
-def _logsumexp_jit(
-    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, keepdims: bool
+@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name"))
+def _softmax_jit(
+    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, axis_name: Any = None
 ) -> jax.Array:
     x = x.astype(dtype)
-    out = _logsumexp(x, _broadcast_mask(where, x.shape), axes)
+    if where is None:
+        return _softmax(x, None, axes, axis_name)
+    return _masked_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name"))
+def _log_softmax_jit(
+    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, axis_name: Any = None
+) -> jax.Array:
+    x = x.astype(dtype)
+    return _log_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype", "keepdims", "axis_name"))
+def _logsumexp_jit(
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: Axes,
+    dtype: Any,
+    keepdims: bool,
+    axis_name: Any = None,
+) -> jax.Array:
+    x = x.astype(dtype)
+    out = _logsumexp(x, _broadcast_mask(where, x.shape), axes, axis_name)
     return out if keepdims else jnp.squeeze(out, axis=axes)
 
 
@@ -254,16 +260,24 @@ def softmax(
        [0.     0.     0.    ]]
       >>> print(np.asarray(jsoftmax.softmax(x[0], where=jnp.array([True, False, True]))).round(4))
       [0.1192 0.     0.8808]
+
+      Inside ``jax.shard_map``, ``axis_name`` normalises across the shards of the class axis:
+
+      >>> import jax
+      >>> from jax.sharding import AxisType, PartitionSpec as P
+      >>> mesh = jax.make_mesh((1,), ("vocab",), axis_types=(AxisType.Auto,))
+      >>> sharded = jax.shard_map(
+      ...     lambda shard: jsoftmax.softmax(shard, axis_name="vocab"),
+      ...     mesh=mesh, in_specs=P(None, "vocab"), out_specs=P(None, "vocab"))
+      >>> print(np.asarray(sharded(jnp.array([[0.0, 1.0, 2.0, 3.0]]))).round(4))
+      [[0.0321 0.0871 0.2369 0.6439]]
     """
     array, out_dtype = check_input(x, dtype, "softmax")
     axes = normalize_axes(axis, array.ndim, "softmax")
     mask = as_mask(where, array.shape, "softmax")
     if axis_name is not None:
-        # Imported here: _collective builds on this module.
-        from . import _collective
-
-        return _collective.softmax(array, mask, axes, out_dtype, axis_name)
-    return _softmax_jit(array, mask, axes, out_dtype)
+        axis_size(axis_name, "softmax")
+    return _softmax_jit(array, mask, axes, out_dtype, axis_name)
 
 
 def log_softmax(
@@ -310,11 +324,8 @@ def log_softmax(
     axes = normalize_axes(axis, array.ndim, "log_softmax")
     mask = as_mask(where, array.shape, "log_softmax")
     if axis_name is not None:
-        # Imported here: _collective builds on this module.
-        from . import _collective
-
-        return _collective.log_softmax(array, mask, axes, out_dtype, axis_name)
-    return _log_softmax_jit(array, mask, axes, out_dtype)
+        axis_size(axis_name, "log_softmax")
+    return _log_softmax_jit(array, mask, axes, out_dtype, axis_name)
 
 
 def logsumexp(
@@ -366,8 +377,5 @@ def logsumexp(
     if not isinstance(keepdims, bool):
         raise TypeError(f"logsumexp: keepdims expected a bool, got {keepdims!r}")
     if axis_name is not None:
-        # Imported here: _collective builds on this module.
-        from . import _collective
-
-        return _collective.logsumexp(array, mask, axes, out_dtype, keepdims, axis_name)
-    return _logsumexp_jit(array, mask, axes, out_dtype, keepdims)
+        axis_size(axis_name, "logsumexp")
+    return _logsumexp_jit(array, mask, axes, out_dtype, keepdims, axis_name)
