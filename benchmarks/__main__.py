@@ -20,7 +20,7 @@ from ._config import (
     plan_cases,
 )
 from ._contenders import DeviceUnavailable
-from ._environment import describe, format_environment
+from ._environment import MALLOC_DEFAULT, describe, format_environment, keep_freed_memory
 from ._run import run
 
 SUITES = ("headline", "triton", "lm", "attention", "classification", "non-last-axis")
@@ -69,6 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, help="seconds of samples per case")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--samples", action="store_true", help="keep raw samples in the JSON")
+    parser.add_argument(
+        "--malloc-reuse",
+        action="store_true",
+        help="let glibc reuse freed memory for large blocks instead of fresh pages (changes "
+        "torch's CPU allocations, not JAX's; recorded in the report)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge into the results already in --out (same case and contender: the new row "
+        "wins): split a long run into parts, e.g. by --suites",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--list", action="store_true", help="print the planned cases and exit")
     parser.add_argument(
@@ -139,6 +151,8 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, str 
         config.budget_s = args.budget
     config.plots = not args.no_plots
     config.keep_samples = args.samples
+    config.merge = args.merge
+    config.malloc_reuse = args.malloc_reuse
     action = "list" if args.list else "render" if args.render_results else None
     return config, action
 
@@ -170,19 +184,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(usable_cores())
     print("# jsoftmax benchmarks\n")
-    print(format_environment(describe(config.device, torch.get_num_threads())))
+    malloc = keep_freed_memory() if config.malloc_reuse else MALLOC_DEFAULT
+    print(format_environment(describe(config.device, torch.get_num_threads(), malloc)))
     print(
         f"\n{'quick' if config.quick else 'full'} run: {len(cases)} timed cases, contenders "
         f"{', '.join(config.resolved_contenders())}; sections {', '.join(config.sections)}; "
         f"progress on stderr\n",
         flush=True,
     )
+    merge = config.merge
     try:
         report = run(config)
     except DeviceUnavailable as err:  # say so without a traceback
         print(str(err), file=sys.stderr)
         return 2
+    report = _report.rounded(report)  # what is printed is what is stored
     paths = {}
+    previous = None if config.out is None else config.out / "results.json"
+    if merge and previous is not None and previous.exists():
+        report = _report.merge_reports(_report.load_report(previous), report)
     if config.out is not None:
         paths = _report.write_outputs(
             report, config.out, plots=config.plots, keep_samples=config.keep_samples

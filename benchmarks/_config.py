@@ -209,6 +209,10 @@ class RunConfig:
     smoke: bool = False
     # The command line that asked for this run, recorded with its figures.
     command: str | None = None
+    # Merge into the results already in ``out`` instead of replacing them (CLI only).
+    merge: bool = False
+    # Let glibc keep freed memory for large blocks (see _environment.keep_freed_memory).
+    malloc_reuse: bool = False
 
     def resolved_dtypes(self) -> tuple[str, ...]:
         return self.dtypes if self.dtypes is not None else DEFAULT_DTYPES[self.device]

@@ -551,7 +551,11 @@ def format_report(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
         f"{config['case_budget_s']} s of samples, {config['rounds'][0]}-{config['rounds'][1]} "
         f"interleaved rounds; inputs rotated over {config['rotate_bytes'] / 2**20:.0f} MiB; "
         f"took {report.get('elapsed_s', 0):.0f} s."
-        + (f" Command: `{config['command']}`." if config.get("command") else ""),
+        + (f" Command: `{config['command']}`." if config.get("command") else "")
+        + "".join(
+            f" Merged with the run of {part['date_utc']} (`{part['command']}`)."
+            for part in report.get("merged_from", [])
+        ),
         "## Headline",
         format_headline(report.get("headline")),
         format_ratio_summary(report.get("ratio_summary")),
@@ -603,7 +607,11 @@ def format_report(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
 def write_outputs(
     report: dict[str, Any], out_dir: Path, *, plots: bool = True, keep_samples: bool = False
 ) -> dict[str, Path]:
-    """Writes report.md, results.json, timings.csv, accuracy.csv and the plots into ``out_dir``."""
+    """Writes report.md, results.json, timings.csv, accuracy.csv and the plots into ``out_dir``.
+
+    Everything is written from the report rounded to 4 significant digits (see :func:`rounded`).
+    """
+    report = rounded(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
     plot_names: list[str] = []
@@ -628,7 +636,7 @@ def write_outputs(
         writer.writeheader()
         for row in report.get("timings", []):
             writer.writerow(
-                _rounded(
+                rounded(
                     {
                         **row,
                         "shape": "x".join(str(dim) for dim in row["shape"]),
@@ -643,7 +651,7 @@ def write_outputs(
             columns = list(report["accuracy"][0])
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
-            writer.writerows(_rounded(row) for row in report["accuracy"])
+            writer.writerows(rounded(row) for row in report["accuracy"])
         written["accuracy.csv"] = accuracy_path
     markdown_path = out_dir / "report.md"
     markdown_path.write_text(format_report(report, plot_names))
@@ -654,18 +662,21 @@ def write_outputs(
 SIGNIFICANT_DIGITS = 4
 
 
-def _rounded(value: Any) -> Any:
+def rounded(value: Any) -> Any:
     """Floats cut to 4 significant digits (far below run-to-run noise), recursively.
 
-    >>> _rounded({"median_s": 0.024137219, "shape": [64, 4096], "gbps": [1.0, 123456.7]})
+    The figures are kept and shown at this precision everywhere (report.md, JSON, CSV,
+    RESULTS.md), so that they agree to the last printed digit.
+
+    >>> rounded({"median_s": 0.024137219, "shape": [64, 4096], "gbps": [1.0, 123456.7]})
     {'median_s': 0.02414, 'shape': [64, 4096], 'gbps': [1.0, 123500.0]}
     """
     if isinstance(value, float):
         return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
     if isinstance(value, dict):
-        return {key: _rounded(item) for key, item in value.items()}
+        return {key: rounded(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_rounded(item) for item in value]
+        return [rounded(item) for item in value]
     return value
 
 
@@ -684,7 +695,7 @@ def dump_json(report: dict[str, Any]) -> str:
      ]}
     }
     """
-    data = _finite(_rounded(report))
+    data = _finite(rounded(report))
     lines = ["{"]
     for index, (key, value) in enumerate(data.items()):
         comma = "," if index < len(data) - 1 else ""
@@ -754,6 +765,48 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+def merge_reports(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One report from two runs on the same machine: for a run split into parts.
+
+    Timing rows are keyed by case and contender, and the new run's row wins; ratios, % of copy,
+    the headline and the summary are then derived again over the union. Other sections come from
+    the new run when it has them. The earlier parts' dates and commands are listed in
+    ``merged_from``.
+
+    >>> row = {"op": "softmax", "shape": [8, 8], "axis": 1, "dtype": "float32",
+    ...        "pass": "fwd", "contender": "jsoftmax", "median_s": 1.0, "gbps": 1.0}
+    >>> old = {"environment": {"date_utc": "d1"}, "config": {"command": "c1"},
+    ...        "timings": [row, {**row, "contender": "torch", "median_s": 2.0}], "notes": []}
+    >>> new = {"environment": {"date_utc": "d2"}, "config": {"command": "c2"},
+    ...        "timings": [{**row, "median_s": 4.0}], "notes": []}
+    >>> merged = merge_reports(old, new)
+    >>> [(r["contender"], r["median_s"]) for r in merged["timings"]], merged["merged_from"]
+    ([('jsoftmax', 4.0), ('torch', 2.0)], [{'date_utc': 'd1', 'command': 'c1'}])
+    """
+    merged = dict(previous)
+    merged.update({key: value for key, value in new.items() if value not in (None, [], {})})
+    by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for row in [*previous.get("timings", []), *new.get("timings", [])]:
+        key = (*_case_key(row), row["contender"])
+        by_key[key] = dict(row)
+    rows = list(by_key.values())
+    annotate_rows(rows)
+    merged["timings"] = rows
+    merged["headline"] = headline_ratios(rows)
+    merged["ratio_summary"] = ratio_summary(rows)
+    merged["notes"] = list(dict.fromkeys([*previous.get("notes", []), *new.get("notes", [])]))
+    merged["merged_from"] = [
+        *previous.get("merged_from", []),
+        {
+            "date_utc": previous["environment"].get("date_utc"),
+            "command": previous.get("config", {}).get("command"),
+        },
+    ]
+    if previous.get("elapsed_s") is not None and new.get("elapsed_s") is not None:
+        merged["elapsed_s"] = previous["elapsed_s"] + new["elapsed_s"]
+    return merged
+
+
 def render_results_md(results_root: Path, relative_to: Path) -> str:
     """RESULTS.md: for each committed run under ``results_root`` (one folder per device), its
     machine, date, command, headline ratios, plots and a link to its full report.
@@ -802,7 +855,8 @@ def render_results_md(results_root: Path, relative_to: Path) -> str:
         parts += [
             "## GPU",
             "Not measured yet: no session so far had the lent GPU machine. On one, run "
-            "`python -m benchmarks --device gpu --out benchmarks/results/gpu`, then "
+            "`python -m benchmarks --device gpu --quick --out benchmarks/results/gpu`, add parts "
+            "of the full set with `--suites ... --merge` (see NOTES.md), then "
             "`python -m benchmarks --render-results`.",
         ]
     return "\n\n".join(part for part in parts if part) + "\n"

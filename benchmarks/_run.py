@@ -15,7 +15,14 @@ from . import _cross_entropy, _report
 from ._accuracy import run_accuracy
 from ._config import COPY_ROWS, MODEL_BYTES_FACTOR, Case, RunConfig, case_contenders, plan_cases
 from ._contenders import CaseData, Target, make_runner, make_target
-from ._environment import describe, last_level_cache_bytes, load_average, usable_cores
+from ._environment import (
+    MALLOC_DEFAULT,
+    describe,
+    keep_freed_memory,
+    last_level_cache_bytes,
+    load_average,
+    usable_cores,
+)
 from ._interop import run_interop
 from ._overhead import run_overhead
 from ._timing import Timing, measure
@@ -125,10 +132,11 @@ def run(config: RunConfig, progress: Callable[[str], None] = stderr_progress) ->
     begin = time.perf_counter()
     torch_threads = usable_cores()
     torch.set_num_threads(torch_threads)
+    malloc = keep_freed_memory() if config.malloc_reuse else MALLOC_DEFAULT
     target = make_target(config.device, last_level_cache_bytes())
     if config.smoke:
         target.rotate_bytes = 0  # one input per contender: the smoke test checks plumbing only
-    environment = describe(config.device, torch.get_num_threads())
+    environment = describe(config.device, torch.get_num_threads(), malloc)
     report: dict[str, Any] = {
         "schema": 1,
         "environment": environment,

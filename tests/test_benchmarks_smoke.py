@@ -207,6 +207,20 @@ def test_results_page_renders_from_a_run_folder(smoke, tmp_path):
     assert f"**{entry['geomean_ratio']:.2f}x**" in page
 
 
+def test_merge_joins_a_run_split_into_parts(tmp_path):
+    part = [*SMOKE_ARGS, "--only", "softmax", "--passes", "fwd", "--out", str(tmp_path)]
+    part += ["--contenders", "jsoftmax,jax.nn", "--no-plots"]
+    assert _run_cli([*part, "--shapes", "8x64"])[0] == 0
+    assert _run_cli([*part, "--shapes", "8x128", "--merge"])[0] == 0
+    merged = _report.load_report(tmp_path / "results.json")
+    shapes = {tuple(row["shape"]) for row in merged["timings"]}
+    assert shapes == {(8, 64), (8, 128)}
+    assert len(merged["merged_from"]) == 1
+    assert "--shapes 8x64" in merged["merged_from"][0]["command"]
+    assert "--shapes 8x128 --merge" in merged["config"]["command"]
+    assert len(merged["ratio_summary"]) == 1 and merged["ratio_summary"][0]["cases"] == 2
+
+
 def test_csv_holds_the_json_rows(smoke):
     with (smoke["out"] / "timings.csv").open() as handle:
         csv_rows = list(csv.DictReader(handle))
