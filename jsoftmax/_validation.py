@@ -71,12 +71,12 @@ def normalize_axes(axis: Any, ndim: int, fname: str) -> tuple[int, ...]:
     """Turns ``axis`` (int, tuple of ints or None for all axes) into sorted non-negative axes."""
     if isinstance(axis, list):
         axis = tuple(axis)
-    try:
+    # Only exact ints reach the cache: True and 1.0 hash and compare equal to 1, and must not hit
+    # a cached entry for axis=1.
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if all(type(item) is int for item in items):
         return _normalize_axes_cached(axis, ndim, fname)
-    except TypeError as err:
-        if "unhashable" not in str(err):
-            raise
-        return _normalize_axes_cached.__wrapped__(axis, ndim, fname)
+    return _normalize_axes_cached.__wrapped__(axis, ndim, fname)
 
 
 @functools.lru_cache(maxsize=512)
