@@ -107,10 +107,15 @@ def test_extreme_finite_rows_match_torch(name, row):
     theirs = _value_and_grad(torch_fn, _leaf(values, torch.float32), 1, cotangent)
     torch.testing.assert_close(ours[0], theirs[0], rtol=2e-6, atol=3e-7)
     if name == "log_softmax" and row == "float32_limits":
-        # -3e38 - 3e38 overflows to a -inf output, which the core's backward rule takes for a
-        # masked entry and drops its cotangent; torch (and float64) keep it. A core limitation.
-        with pytest.raises(AssertionError):
-            torch.testing.assert_close(ours[1], theirs[1], rtol=2e-5, atol=3e-6)
+        # -3e38 - 3e38 overflows to a -inf output, which the core's backward rule treats as a
+        # masked entry (documented): gradient exactly 0 there, where torch (and float64) keep
+        # its cotangent. Pin that behaviour; the other entries still match torch.
+        # The rule in float64: drop the cotangent at the -inf output, then g - p * sum(g).
+        kept_cotangent = cotangent.double().numpy() * np.array([[1.0, 0.0, 1.0, 1.0]])
+        probs = np.array([[0.5, 0.0, 0.5, 0.0]])  # exact: exp(-3e38 - log 2) is 0 in float64 too
+        expected = kept_cotangent - probs * kept_cotangent.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(_f64(ours[1]), expected, rtol=2e-6, atol=1e-7)
+        assert not np.allclose(_f64(theirs[1]), expected)  # torch keeps that cotangent
         return
     torch.testing.assert_close(ours[1], theirs[1], rtol=2e-5, atol=3e-6)
 
