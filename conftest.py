@@ -9,3 +9,8 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+# The CPU kernels (jsoftmax/_kernel.py): with several devices, "auto" would leave every test on the
+# XLA path, so the suite runs with "on", as a single-device process does by default. The sharding
+# tests set "auto" (the XLA path, which partitions) and tests/test_cpu_kernel.py compares the two.
+os.environ.setdefault("JSOFTMAX_CPU_KERNEL", "on")

@@ -32,6 +32,7 @@ import jsoftmax
 
 # The custom VJP's backward rules: the torch backward pass runs exactly these, on the saved
 # output, instead of re-running the forward pass under jax.vjp.
+from jsoftmax._kernel import mode as kernel_mode
 from jsoftmax._softmax import _log_softmax_bwd, _softmax_bwd
 
 from ._convert import check_tensor, export_array, import_tensor, x64_scope
@@ -107,23 +108,34 @@ def _backward_rule(log: bool) -> Any:
     return _log_softmax_bwd if log else _softmax_bwd
 
 
-@partial(jax.jit, static_argnames=("shape", "axis", "log"))
-def _jax_forward(x: jax.Array, shape: tuple[int, ...], axis: int, log: bool) -> jax.Array:
+@partial(jax.jit, static_argnames=("shape", "axis", "log", "kernel_mode"))
+def _jax_forward(
+    x: jax.Array, shape: tuple[int, ...], axis: int, log: bool, kernel_mode: str
+) -> jax.Array:
     full = jnp.broadcast_to(x, shape)
     return jsoftmax.log_softmax(full, axis=axis) if log else jsoftmax.softmax(full, axis=axis)
 
 
-@partial(jax.jit, static_argnames=("axis", "log"))
-def _jax_backward(grad_output: jax.Array, output: jax.Array, axis: int, log: bool) -> jax.Array:
+# ``kernel_mode`` (JSOFTMAX_CPU_KERNEL) keys the caches: the core picks its CPU kernel or the XLA
+# path while tracing.
+@partial(jax.jit, static_argnames=("axis", "log", "kernel_mode"))
+def _jax_backward(
+    grad_output: jax.Array, output: jax.Array, axis: int, log: bool, kernel_mode: str
+) -> jax.Array:
     grad_input, _ = _backward_rule(log)(
         (axis,), None, output, jnp.broadcast_to(grad_output, output.shape)
     )
     return grad_input
 
 
-@partial(jax.jit, static_argnames=("axis", "log"))
+@partial(jax.jit, static_argnames=("axis", "log", "kernel_mode"))
 def _jax_double_backward(
-    grad_grad_input: jax.Array, grad_output: jax.Array, output: jax.Array, axis: int, log: bool
+    grad_grad_input: jax.Array,
+    grad_output: jax.Array,
+    output: jax.Array,
+    axis: int,
+    log: bool,
+    kernel_mode: str,
 ) -> tuple[jax.Array, jax.Array]:
     def backward(out: jax.Array, grad: jax.Array) -> jax.Array:
         return _backward_rule(log)((axis,), None, out, grad)[0]
@@ -154,7 +166,7 @@ def eager_tensors(*tensors: torch.Tensor) -> bool:
 def _softmax_forward(input: torch.Tensor, dim: int, log: bool) -> torch.Tensor:
     with x64_scope(input.dtype):
         x = import_compact(input, "softmax", "input")
-        return export_array(_jax_forward(x, tuple(input.shape), dim, log), None)
+        return export_array(_jax_forward(x, tuple(input.shape), dim, log, kernel_mode()), None)
 
 
 def _softmax_backward(
@@ -163,7 +175,7 @@ def _softmax_backward(
     with x64_scope(output.dtype):
         grad = import_compact(grad_output, "softmax backward", "grad_output")
         out = import_compact(output, "softmax backward", "output")
-        return export_array(_jax_backward(grad, out, dim, log), None)
+        return export_array(_jax_backward(grad, out, dim, log, kernel_mode()), None)
 
 
 _softmax_op = torch.library.custom_op("jsoftmax::softmax", mutates_args=())(_softmax_forward)
@@ -198,7 +210,9 @@ def _softmax_double_backward_op(
         grad_grad = import_compact(grad_grad_input, fname, "grad_grad_input")
         grad = import_compact(grad_output, fname, "grad_output")
         out = import_compact(output, fname, "output")
-        grad_of_grad_output, grad_of_output = _jax_double_backward(grad_grad, grad, out, dim, log)
+        grad_of_grad_output, grad_of_output = _jax_double_backward(
+            grad_grad, grad, out, dim, log, kernel_mode()
+        )
         return export_array(grad_of_grad_output, None), export_array(grad_of_output, None)
 
 

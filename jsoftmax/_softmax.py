@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from . import _kernel
 from ._reductions import Axes, axis_size, compute_dtype, global_max, global_sum, masked_input
 from ._validation import as_mask, check_input, normalize_axes
 
@@ -58,17 +59,82 @@ def _shift_and_sum(
 # softmax
 
 
+def _kernel_or_xla(
+    name: str, kernel_ok: bool, axes: Axes, xla: Any, *operands: jax.Array
+) -> jax.Array:
+    """The CPU kernel ``name`` where this is lowered for CPU and ``kernel_ok``, else ``xla``."""
+    if not kernel_ok:
+        return xla(*operands)
+    kernel = _differentiable_backward if name.endswith("_bwd") else _differentiable_forward
+    out: jax.Array = jax.lax.platform_dependent(
+        *operands, cpu=partial(kernel, name, axes), default=xla
+    )
+    return out
+
+
+# The kernels wrapped so that higher derivatives (grad of grad, jacrev(jacrev)) work: a forward
+# kernel's VJP is the function's own backward rule; a backward kernel's VJP is that of the XLA
+# formula it computes.
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _differentiable_forward(name: str, axes: Axes, x: jax.Array) -> jax.Array:
+    return _kernel.call(name, axes, x)
+
+
+def _differentiable_forward_fwd(name: str, axes: Axes, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    out = _kernel.call(name, axes, x)
+    return out, out
+
+
+def _differentiable_forward_bwd(
+    name: str, axes: Axes, out: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array]:
+    backward = _softmax_bwd if name == "softmax_fwd" else _log_softmax_bwd
+    return (backward(axes, None, out, cotangent)[0],)
+
+
+_differentiable_forward.defvjp(_differentiable_forward_fwd, _differentiable_forward_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _differentiable_backward(name: str, axes: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
+    return _kernel.call(name, axes, y, g)
+
+
+def _differentiable_backward_fwd(
+    name: str, axes: Axes, y: jax.Array, g: jax.Array
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _kernel.call(name, axes, y, g), (y, g)
+
+
+def _differentiable_backward_bwd(
+    name: str, axes: Axes, res: tuple[jax.Array, jax.Array], cotangent: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    formula = _softmax_grad if name == "softmax_bwd" else _log_softmax_grad
+    _, vjp = jax.vjp(partial(formula, axes, None), *res)
+    grads: tuple[jax.Array, jax.Array] = vjp(cotangent)
+    return grads
+
+
+_differentiable_backward.defvjp(_differentiable_backward_fwd, _differentiable_backward_bwd)
+
+
+def _xla_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
+    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
+    return (jnp.exp(shifted) / safe_sum).astype(x.dtype)
+
+
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array]:
-    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
-    probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype)
+    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
+    xla = partial(_xla_softmax, where=where, axes=axes, axis_name=axis_name)
+    probs = _kernel_or_xla("softmax_fwd", kernel_ok, axes, xla, x)
     return probs, probs
 
 
-def _softmax_bwd(
-    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
+def _softmax_grad(axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array) -> jax.Array:
     compute = compute_dtype(probs.dtype)
     y = probs.astype(compute)
     g = cotangent.astype(compute)
@@ -76,7 +142,16 @@ def _softmax_bwd(
     # extra materialised pass: benchmarks/NOTES.md). Zero-probability positions get exactly 0
     # for any finite cotangent.
     grad = y * (g - global_sum(g * y, axes, axis_name))
-    return grad.astype(probs.dtype), None
+    return grad.astype(probs.dtype)
+
+
+def _softmax_bwd(
+    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    cotangent = cotangent.astype(probs.dtype)
+    kernel_ok = _kernel.eligible(probs, axes, axis_name)
+    xla = partial(_softmax_grad, axes, axis_name)
+    return _kernel_or_xla("softmax_bwd", kernel_ok, axes, xla, probs, cotangent), None
 
 
 def _masked_softmax_bwd(
@@ -106,25 +181,42 @@ _masked_softmax.defvjp(_softmax_fwd, _masked_softmax_bwd)
 # log_softmax
 
 
-def _log_softmax_fwd(
+def _xla_log_softmax(
     x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
-) -> tuple[jax.Array, jax.Array]:
+) -> jax.Array:
     _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
     # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
     # x - (m + log(sum)) loses at large |x|.
-    log_probs = (shifted - jnp.log(safe_sum)).astype(x.dtype)
+    return (shifted - jnp.log(safe_sum)).astype(x.dtype)
+
+
+def _log_softmax_fwd(
+    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
+) -> tuple[jax.Array, jax.Array]:
+    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
+    xla = partial(_xla_log_softmax, where=where, axes=axes, axis_name=axis_name)
+    log_probs = _kernel_or_xla("log_softmax_fwd", kernel_ok, axes, xla, x)
     return log_probs, log_probs
 
 
-def _log_softmax_bwd(
+def _log_softmax_grad(
     axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
+) -> jax.Array:
     compute = compute_dtype(log_probs.dtype)
     y = log_probs.astype(compute)
     # Masked (-inf) outputs are constants: their cotangent must not reach the sum.
     g = jnp.where(log_probs == -jnp.inf, 0, cotangent.astype(compute))
     grad = g - jnp.exp(y) * global_sum(g, axes, axis_name)
-    return grad.astype(log_probs.dtype), None
+    return grad.astype(log_probs.dtype)
+
+
+def _log_softmax_bwd(
+    axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    cotangent = cotangent.astype(log_probs.dtype)
+    kernel_ok = _kernel.eligible(log_probs, axes, axis_name)
+    xla = partial(_log_softmax_grad, axes, axis_name)
+    return _kernel_or_xla("log_softmax_bwd", kernel_ok, axes, xla, log_probs, cotangent), None
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -183,9 +275,15 @@ def _broadcast_mask(where: jax.Array | None, shape: tuple[int, ...]) -> jax.Arra
     return None if where is None else jnp.broadcast_to(where, shape)
 
 
-@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name"))
+# ``kernel_mode`` (JSOFTMAX_CPU_KERNEL) only keys the cache: the kernel is chosen while tracing.
+@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name", "kernel_mode"))
 def _softmax_jit(
-    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, axis_name: Any = None
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: Axes,
+    dtype: Any,
+    axis_name: Any = None,
+    kernel_mode: str = "auto",
 ) -> jax.Array:
     x = x.astype(dtype)
     if where is None:
@@ -193,9 +291,14 @@ def _softmax_jit(
     return _masked_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
 
 
-@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name"))
+@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name", "kernel_mode"))
 def _log_softmax_jit(
-    x: jax.Array, where: jax.Array | None, axes: Axes, dtype: Any, axis_name: Any = None
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: Axes,
+    dtype: Any,
+    axis_name: Any = None,
+    kernel_mode: str = "auto",
 ) -> jax.Array:
     x = x.astype(dtype)
     return _log_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
@@ -277,7 +380,7 @@ def softmax(
     mask = as_mask(where, array.shape, "softmax")
     if axis_name is not None:
         axis_size(axis_name, "softmax")
-    return _softmax_jit(array, mask, axes, out_dtype, axis_name)
+    return _softmax_jit(array, mask, axes, out_dtype, axis_name, _kernel.mode())
 
 
 def log_softmax(
@@ -325,7 +428,7 @@ def log_softmax(
     mask = as_mask(where, array.shape, "log_softmax")
     if axis_name is not None:
         axis_size(axis_name, "log_softmax")
-    return _log_softmax_jit(array, mask, axes, out_dtype, axis_name)
+    return _log_softmax_jit(array, mask, axes, out_dtype, axis_name, _kernel.mode())
 
 
 def logsumexp(

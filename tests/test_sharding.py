@@ -1,7 +1,9 @@
 """A vocabulary split across devices: jit with a NamedSharding, and shard_map with axis_name=.
 
 The root conftest.py gives every test process 8 simulated CPU devices (XLA reads the flag once,
-before JAX starts); one test below also proves it in a fresh process.
+before JAX starts); one test below also proves it in a fresh process. These tests run in the
+CPU-kernel mode users get by default, "auto", which takes the XLA path when there are several
+devices.
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ NORMALIZERS = {
     "logsumexp": (jsoftmax.logsumexp, ref_logsumexp, torch.logsumexp),
 }
 MESH_KINDS = ["auto", "explicit"]
+
+
+@pytest.fixture(autouse=True)
+def _kernel_auto(monkeypatch):
+    # "auto": with several devices the core takes the XLA path, whose reductions XLA partitions
+    # (the CPU kernels need the reduced axes whole; tests/test_cpu_kernel.py covers them).
+    monkeypatch.setenv("JSOFTMAX_CPU_KERNEL", "auto")
 
 
 def test_eight_devices():

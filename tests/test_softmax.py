@@ -441,7 +441,9 @@ def test_reverse_over_reverse_hessian_matches_jax_nn(name):
     # grad-of-grad as well, through a scalar
     g2 = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(ALL_FUNCTIONS[name](x) ** 2))(x)))
     g2_ref = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jax_fns[name](x) ** 2))(x)))
-    np.testing.assert_allclose(np.asarray(g2(x)), np.asarray(g2_ref(x)), rtol=1e-5, atol=1e-6)
+    # The exact value is 0 (shift invariance): a cancellation of inner-gradient terms up to ~40
+    # here, whose float32 ulp is 3.8e-6, so both results are zero to within an ulp of those terms.
+    np.testing.assert_allclose(np.asarray(g2(x)), np.asarray(g2_ref(x)), rtol=1e-5, atol=4e-6)
 
 
 @pytest.mark.parametrize("name", sorted(NORMALIZERS))

@@ -1,0 +1,450 @@
+// jsoftmax CPU kernels, called from XLA through its FFI (jsoftmax/_kernel.py compiles this file
+// for the machine it runs on and registers the handlers).
+//
+// softmax / log_softmax over the last axis, forward and backward, one row at a time: a row is
+// read from memory once and stays in cache for the kernel's passes over it, where XLA's fusions
+// make three or four passes over the whole array. Rows are split over XLA's intra-op thread pool.
+// Computation is in float32 for float32, bfloat16 and float16 storage, rounded once on store.
+// The row rules are those of the XLA path in _softmax.py (tests check that both agree):
+//   NaN in a row     -> the whole row NaN
+//   max = -inf       -> softmax 0, log_softmax -inf (fully masked or empty)
+//   max = +inf       -> the k +inf entries get 1/k (log: -log k), the others 0 (log: -inf)
+//   otherwise        -> e = exp(x - max), softmax e * (1/sum e), log_softmax (x - max) - log(sum e)
+// Backward: softmax dx = y * (g - sum(g * y)); log_softmax g' = (y == -inf ? 0 : g),
+// dx = g' - exp(y) * sum(g').
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
+typedef _Float16 vhf __attribute__((vector_size(kLanes * 2)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline vf splat(float v) { return vf{} + v; }
+
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+inline float hsum(vf v) {
+  // Pairwise over the lanes.
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] += v[i + width];
+  return v[0];
+}
+
+inline bool any(vi m) {
+  for (int i = 0; i < kLanes; ++i)
+    if (m[i]) return true;
+  return false;
+}
+
+// e^x for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two constants so n ln2
+// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 1e-8 relative), times 2^n
+// built in the exponent bits. Results below FLT_MIN flush to 0, as XLA's CPU code flushes
+// subnormals; overflow gives +inf; NaN stays NaN.
+inline vf vexp(vf x) {
+  const vi is_nan = x != x;
+  vf xc = is_nan ? splat(0.0f) : x;
+  xc = xc < -88.0f ? splat(-88.0f) : xc;
+  xc = xc > 88.75f ? splat(88.75f) : xc;
+  const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  vf r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vi ni = __builtin_convertvector(n, vi);
+  // 2^n for n in [-127, 128] as 2^(n - 1) * 2 when n > 0, so the exponent field never overflows.
+  const vi positive = ni > 0;
+  const vi biased = (positive ? ni - 1 : ni) + 127;
+  vf result = p * (vf)(biased << 23);
+  result = positive ? result * 2.0f : result;
+  result = x < -87.33654f ? splat(0.0f) : result;
+  return is_nan ? x : result;
+}
+
+inline float sexp(float x) { return vexp(splat(x))[0]; }
+
+// Storage types. Each provides full and partial loads to float32 lanes and rounding stores.
+struct F32 {
+  using T = float;
+  static vf load(const T* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+  static float to_float(T v) { return v; }
+  static T from_float(float v) { return v; }
+};
+
+struct BF16 {
+  using T = uint16_t;
+  static vf load(const T* p) {
+    vh h;
+    std::memcpy(&h, p, sizeof(h));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static void store(T* p, vf v) {
+    const vu bits = (vu)v;
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // nearest even
+    const vu quiet = (bits >> 16) | 0x40u;
+    const vu out = (v != v) ? quiet : rounded;
+    const vh h = __builtin_convertvector(out, vh);
+    std::memcpy(p, &h, sizeof(h));
+  }
+  static float to_float(T v) {
+    const uint32_t bits = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+  static T from_float(float f) {
+    vf v = splat(f);
+    T out[kLanes];
+    store(out, v);
+    return out[0];
+  }
+};
+
+struct F16 {
+  using T = _Float16;
+  static vf load(const T* p) {
+    vhf h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, vf);
+  }
+  static void store(T* p, vf v) {
+    const vhf h = __builtin_convertvector(v, vhf);
+    std::memcpy(p, &h, sizeof(h));
+  }
+  static float to_float(T v) { return float(v); }
+  static T from_float(float v) { return T(v); }
+};
+
+// Partial blocks (the last < kLanes entries of a row): padded loads, prefix stores.
+template <class S>
+vf load_part(const typename S::T* p, int64_t count, float pad) {
+  float tmp[kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) tmp[i] = i < count ? S::to_float(p[i]) : pad;
+  vf v;
+  std::memcpy(&v, tmp, sizeof(v));
+  return v;
+}
+
+template <class S>
+void store_part(typename S::T* p, vf v, int64_t count) {
+  typename S::T tmp[kLanes];
+  S::store(tmp, v);
+  for (int64_t i = 0; i < count; ++i) p[i] = tmp[i];
+}
+
+// Calls body(lane_block_values..., offset, count) over a row in blocks of kLanes.
+template <class S, class F>
+inline void for_blocks(const typename S::T* p, int64_t n, float pad, F&& body) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) body(S::load(p + i), i, kLanes);
+  if (i < n) body(load_part<S>(p + i, n - i, pad), i, n - i);
+}
+
+template <class S>
+inline void store_block(typename S::T* p, vf v, int64_t count) {
+  if (count == kLanes)
+    S::store(p, v);
+  else
+    store_part<S>(p, v, count);
+}
+
+enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
+
+// Pass 1: the row maximum and which rule applies.
+template <class S>
+RowKind scan_row(const typename S::T* x, int64_t n, float* row_max) {
+  vf m0 = splat(-kInf), m1 = splat(-kInf);
+  vi nan = vi{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    const vf a = S::load(x + i), b = S::load(x + i + kLanes);
+    nan |= (a != a) | (b != b);
+    m0 = a > m0 ? a : m0;
+    m1 = b > m1 ? b : m1;
+  }
+  for_blocks<S>(x + i, n - i, -kInf, [&](vf v, int64_t, int64_t) {
+    nan |= v != v;
+    m0 = v > m0 ? v : m0;
+  });
+  if (any(nan)) return RowKind::kNaN;
+  const float m = hmax(m0 > m1 ? m0 : m1);
+  *row_max = m;
+  if (m == -kInf) return RowKind::kEmpty;
+  if (m == kInf) return RowKind::kPosInf;
+  return RowKind::kNormal;
+}
+
+template <class S>
+void fill_row(typename S::T* y, int64_t n, float value) {
+  const typename S::T v = S::from_float(value);
+  for (int64_t i = 0; i < n; ++i) y[i] = v;
+}
+
+// Rows holding +inf: the k +inf entries get `hit(k)`, the others `miss`.
+template <class S>
+void pos_inf_row(const typename S::T* x, typename S::T* y, int64_t n, bool log) {
+  int64_t k = 0;
+  for (int64_t i = 0; i < n; ++i) k += S::to_float(x[i]) == kInf;
+  const float hit = log ? -std::log(float(k)) : 1.0f / float(k);
+  const float miss = log ? -kInf : 0.0f;
+  for (int64_t i = 0; i < n; ++i) y[i] = S::from_float(S::to_float(x[i]) == kInf ? hit : miss);
+}
+
+template <class S, bool kLog>
+void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scratch) {
+  float m = 0.0f;
+  switch (scan_row<S>(x, n, &m)) {
+    case RowKind::kNaN:
+      return fill_row<S>(y, n, kNaN);
+    case RowKind::kEmpty:
+      return fill_row<S>(y, n, kLog ? -kInf : 0.0f);
+    case RowKind::kPosInf:
+      return pos_inf_row<S>(x, y, n, kLog);
+    case RowKind::kNormal:
+      break;
+  }
+  vf acc = vf{};
+  if constexpr (kLog) {
+    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t, int64_t) { acc += vexp(v - m); });
+    const float log_sum = std::log(hsum(acc));
+    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+      store_block<S>(y + i, (v - m) - log_sum, count);
+    });
+  } else {
+    // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
+    float* e = std::is_same_v<typename S::T, float> ? reinterpret_cast<float*>(y) : scratch;
+    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+      const vf ev = vexp(v - m);
+      acc += ev;
+      store_block<F32>(e + i, ev, count);
+    });
+    const float inv = 1.0f / hsum(acc);
+    for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
+      store_block<S>(y + i, v * inv, count);
+    });
+  }
+}
+
+template <class S, bool kLog>
+void backward_row(const typename S::T* y, const typename S::T* g, typename S::T* dx, int64_t n) {
+  vf acc = vf{};
+  int64_t i = 0;
+  if constexpr (kLog) {
+    for (; i < n; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, n - i);
+      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, -kInf);
+      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+      acc += (yv == -kInf) ? splat(0.0f) : gv;
+    }
+    const float total = hsum(acc);
+    for (i = 0; i < n; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, n - i);
+      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, -kInf);
+      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+      const vf guarded = (yv == -kInf) ? splat(0.0f) : gv;
+      store_block<S>(dx + i, guarded - vexp(yv) * total, count);
+    }
+  } else {
+    for (; i < n; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, n - i);
+      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, 0.0f);
+      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+      acc += gv * yv;
+    }
+    const float dot = hsum(acc);
+    for (i = 0; i < n; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, n - i);
+      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, 0.0f);
+      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+      store_block<S>(dx + i, yv * (gv - dot), count);
+    }
+  }
+}
+
+// Splits rows [0, rows) into chunks taken from a shared counter by the calling thread and by
+// tasks on XLA's pool. The caller alone can finish every chunk, so a busy pool only costs
+// parallelism; a task that starts after all chunks are taken touches nothing but the counters.
+template <class F>
+void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& body) {
+  const int64_t work = rows * std::max<int64_t>(row_len, 1);
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  threads = std::min<int64_t>(threads, std::max<int64_t>(1, work / 16384));
+  threads = std::min<int64_t>(threads, rows);
+  if (threads <= 1) {
+    body(0, rows);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto state = std::make_shared<State>();
+  const int64_t chunks = std::min<int64_t>(rows, threads * 8);
+  auto run = [state, chunks, rows, &body]() {
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      body(c * rows / chunks, (c + 1) * rows / chunks);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
+  run();
+  while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+}
+
+// Output buffers arrive unbacked: every 4 KiB page faults on first write, and on virtual machines
+// that costs more than the softmax itself (a fresh 64 MiB buffer: ~30 ms of faults against ~4 ms
+// with 2 MiB pages, measured in benchmarks/NOTES.md). Asking for transparent huge pages on the
+// 2 MiB-aligned interior of a large output is advice only: it changes no value and is ignored
+// where THP is off.
+void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < 2 * kHuge) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+int64_t row_length(const ffi::AnyBuffer& b) {
+  const auto dims = b.dimensions();
+  return dims.size() == 0 ? 1 : dims.back();
+}
+
+template <bool kLog>
+ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
+  const int64_t n = row_length(x);
+  if (n == 0) return ffi::Error::Success();
+  const int64_t rows = int64_t(x.element_count()) / n;
+  auto run = [&](auto storage) {
+    using S = decltype(storage);
+    using T = typename S::T;
+    const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+    T* yp = reinterpret_cast<T*>(y->untyped_data());
+    advise_huge_pages(yp, y->size_bytes());
+    parallel_rows(pool, rows, n, [&](int64_t r0, int64_t r1) {
+      std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : n);
+      for (int64_t r = r0; r < r1; ++r)
+        forward_row<S, kLog>(xp + r * n, yp + r * n, n, scratch.data());
+    });
+  };
+  switch (x.element_type()) {
+    case ffi::DataType::F32:
+      run(F32{});
+      break;
+    case ffi::DataType::BF16:
+      run(BF16{});
+      break;
+    case ffi::DataType::F16:
+      run(F16{});
+      break;
+    default:
+      return ffi::Error::InvalidArgument("jsoftmax CPU kernel: float32, bfloat16 or float16 only");
+  }
+  return ffi::Error::Success();
+}
+
+template <bool kLog>
+ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
+                    ffi::Result<ffi::AnyBuffer> dx) {
+  const int64_t n = row_length(y);
+  if (n == 0) return ffi::Error::Success();
+  const int64_t rows = int64_t(y.element_count()) / n;
+  auto run = [&](auto storage) {
+    using S = decltype(storage);
+    using T = typename S::T;
+    const T* yp = reinterpret_cast<const T*>(y.untyped_data());
+    const T* gp = reinterpret_cast<const T*>(g.untyped_data());
+    T* dp = reinterpret_cast<T*>(dx->untyped_data());
+    advise_huge_pages(dp, dx->size_bytes());
+    parallel_rows(pool, rows, n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        backward_row<S, kLog>(yp + r * n, gp + r * n, dp + r * n, n);
+    });
+  };
+  if (y.element_type() != g.element_type())
+    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: output and cotangent dtypes differ");
+  switch (y.element_type()) {
+    case ffi::DataType::F32:
+      run(F32{});
+      break;
+    case ffi::DataType::BF16:
+      run(BF16{});
+      break;
+    case ffi::DataType::F16:
+      run(F16{});
+      break;
+    default:
+      return ffi::Error::InvalidArgument("jsoftmax CPU kernel: float32, bfloat16 or float16 only");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_softmax_fwd, Forward<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_log_softmax_fwd, Forward<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_softmax_bwd, Backward<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_log_softmax_bwd, Backward<true>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
