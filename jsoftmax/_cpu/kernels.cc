@@ -25,6 +25,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -65,9 +69,33 @@ inline bool any(vi m) {
 }
 
 // e^x for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two constants so n ln2
-// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 1e-8 relative), times 2^n
-// built in the exponent bits. Results below FLT_MIN flush to 0, as XLA's CPU code flushes
-// subnormals; overflow gives +inf; NaN stays NaN.
+// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 1e-8 relative), times 2^n.
+// Overflow gives +inf, NaN stays NaN, -inf and anything below -120 give exactly 0. Results below
+// FLT_MIN are 0 or subnormal (XLA's CPU code flushes them to 0).
+inline vf taylor_exp(vf r) {
+  vf p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+
+#if defined(__AVX512F__)
+// AVX-512: clamps that keep NaN (max/min return their second operand when either is NaN), a
+// rounding instruction for n and scalef for 2^n (exact, underflows to 0, overflows to inf).
+inline vf vexp(vf x) {
+  __m512 xc = _mm512_max_ps(_mm512_set1_ps(-120.0f), (__m512)x);
+  xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xc);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf r = (vf)xc - (vf)n * 0.693359375f;
+  r = r - (vf)n * -2.12194440e-4f;
+  return (vf)_mm512_scalef_ps((__m512)taylor_exp(r), n);
+}
+#else
 inline vf vexp(vf x) {
   const vi is_nan = x != x;
   vf xc = is_nan ? splat(0.0f) : x;
@@ -76,14 +104,7 @@ inline vf vexp(vf x) {
   const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  vf p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  const vf p = taylor_exp(r);
   const vi ni = __builtin_convertvector(n, vi);
   // 2^n for n in [-127, 128] as 2^(n - 1) * 2 when n > 0, so the exponent field never overflows.
   const vi positive = ni > 0;
@@ -93,8 +114,8 @@ inline vf vexp(vf x) {
   result = x < -87.33654f ? splat(0.0f) : result;
   return is_nan ? x : result;
 }
+#endif
 
-inline float sexp(float x) { return vexp(splat(x))[0]; }
 
 // Storage types. Each provides full and partial loads to float32 lanes and rounding stores.
 struct F32 {
