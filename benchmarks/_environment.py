@@ -122,6 +122,32 @@ def git_revision() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def jsoftmax_kernel_state() -> dict[str, Any]:
+    """Whether jsoftmax computes with its CPU kernels in this process (``cpu_kernel_info``)."""
+    import jsoftmax
+
+    info = getattr(jsoftmax, "cpu_kernel_info", None)
+    if info is None:
+        return {"available": False, "error": "this jsoftmax has no CPU kernels"}
+    state: dict[str, Any] = info()
+    state["in_use"] = bool(
+        state["available"]
+        and state["mode"] != "off"
+        and (state["mode"] == "on" or state["single_cpu_device"])
+    )
+    return state
+
+
+def describe_kernel(state: dict[str, Any] | None) -> str:
+    if not state:
+        return "not recorded"
+    if state.get("in_use"):
+        return f"in use on CPU (JSOFTMAX_CPU_KERNEL={state['mode']})"
+    if not state.get("available"):
+        return f"not in use: {state.get('error')}"
+    return f"not in use (JSOFTMAX_CPU_KERNEL={state['mode']}, several CPU devices)"
+
+
 def describe(device: str, torch_threads: int, malloc: str = MALLOC_DEFAULT) -> dict[str, Any]:
     """Everything about the machine and software worth recording next to a figure."""
     import jax
@@ -155,6 +181,8 @@ def describe(device: str, torch_threads: int, malloc: str = MALLOC_DEFAULT) -> d
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
         "torch_threads": torch_threads,
         "malloc": malloc,
+        # Builds the kernels now if needed, so no timed case pays for the build.
+        "jsoftmax_cpu_kernel": jsoftmax_kernel_state(),
     }
     try:
         import torch
@@ -206,5 +234,7 @@ def format_environment(info: dict[str, Any]) -> str:
         f"- load average at start: {info.get('load_average_start')}, at end: "
         f"{info.get('load_average_end', '?')}",
         f"- platform: {info['platform']}",
+        "- jsoftmax CPU kernels (jsoftmax/_cpu/kernels.cc; the XLA path otherwise): "
+        + describe_kernel(info.get("jsoftmax_cpu_kernel")),
     ]
     return "\n".join(lines)

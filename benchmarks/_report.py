@@ -22,7 +22,7 @@ from ._config import (
     RunConfig,
     shape_label,
 )
-from ._environment import format_environment
+from ._environment import describe_kernel, format_environment
 
 CSV_COLUMNS = (
     "op",
@@ -834,7 +834,8 @@ def render_results_md(results_root: Path, relative_to: Path) -> str:
             f"Taken {environment['date_utc']} with jax {environment['jax']}, torch "
             f"{environment.get('torch')}, jsoftmax at {environment.get('git_revision') or '?'}; "
             f"{'quick' if config['quick'] else 'full'} run, {report.get('elapsed_s', 0):.0f} s. "
-            f"Command: `{config.get('command') or 'python -m benchmarks'}`.",
+            f"Command: `{config.get('command') or 'python -m benchmarks'}`. jsoftmax's CPU "
+            f"kernels: {describe_kernel(environment.get('jsoftmax_cpu_kernel'))}.",
         ]
         busy = busy_machine_warning(environment)
         if busy:

@@ -1,0 +1,818 @@
+"""The CPU kernels (jsoftmax/_cpu/kernels.cc, loaded by jsoftmax/_kernel.py) against the XLA path.
+
+The kernels and the XLA path are two implementations of the same row rules, so most tests here
+compute one thing twice, with ``JSOFTMAX_CPU_KERNEL=on`` and ``=off`` (the public functions and
+every function jitted here retrace when it changes), and compare; each comparison also checks, in
+the lowered StableHLO, that "on" really called the kernels and "off" did not. The rest covers:
+
+* accuracy of the kernels against float64 references, with per-entry bounds derived from the
+  float32 operations involved;
+* when the XLA path is kept (float64, non-trailing axes, ``where=`` on the forward pass,
+  ``axis_name``, empty arrays, mode "off", lowering for CUDA) and when the kernels are lowered;
+* transformations around the kernels: vmap, grad, grad of grad, jacrev(jacrev), checkpoint, scan;
+* ``auto`` mode (XLA path with this process's 8 simulated devices, the kernels in a fresh
+  one-device process), a failed build falling back to the XLA path, bad mode values, what
+  :func:`jsoftmax.cpu_kernel_info` reports, and the torch interop in both modes.
+
+Tolerances: float32 results of the two paths differ by rounding only (a different exp
+polynomial, summation order and reciprocal-multiply against division), so they are compared with
+bounds of a few float32 ulps of the terms each result is computed from; bfloat16 / float16 are
+computed in float32 by both and rounded once, so they must be within 1 ulp of the storage dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from _helpers import enable_x64, ref_log_softmax, ref_softmax, to_f64
+from jax import lax
+
+import jsoftmax
+from jsoftmax import _kernel
+from jsoftmax import _softmax as impl
+
+ENV = "JSOFTMAX_CPU_KERNEL"
+FUNCTIONS = {"softmax": jsoftmax.softmax, "log_softmax": jsoftmax.log_softmax}
+REFERENCES = {"softmax": ref_softmax, "log_softmax": ref_log_softmax}
+LOW_PRECISION = ("bfloat16", "float16")
+EPS32 = float(np.finfo(np.float32).eps)
+# Multiples of float32 eps allowed per term of a result (a handful of roundings in each path).
+F32_ULPS = 16.0
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _targets(hlo_text: str) -> set[str]:
+    """The jsoftmax custom-call targets in lowered StableHLO text."""
+    return set(re.findall(r"custom_call @(jsoftmax_\w+)", hlo_text))
+
+
+def _np(array) -> np.ndarray:
+    return np.asarray(array)
+
+
+def _logits(shape, dtype="float32", seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return jnp.asarray((rng.standard_normal(shape) * scale).astype(np.float32)).astype(dtype)
+
+
+def _value_and_vjp(monkeypatch, mode, name, x, g, axis=-1):
+    """(y, dx, StableHLO) of ``FUNCTIONS[name](x, axis)`` and its VJP at ``g``, jitted afresh."""
+    monkeypatch.setenv(ENV, mode)
+    fn = FUNCTIONS[name]
+
+    def value_and_vjp(x, g):
+        y, pullback = jax.vjp(lambda x: fn(x, axis=axis), x)
+        return y, pullback(g)[0]
+
+    lowered = jax.jit(value_and_vjp).lower(x, g)
+    y, dx = lowered.compile()(x, g)
+    return _np(y), _np(dx), lowered.as_text()
+
+
+def _assert_switched(name, hlo_on, hlo_off, passes=("fwd", "bwd")):
+    expected = {f"jsoftmax_{name}_{which}" for which in passes}
+    assert _targets(hlo_on) == expected, f"mode on lowered {_targets(hlo_on)}, not {expected}"
+    assert not _targets(hlo_off), f"mode off still lowered {_targets(hlo_off)}"
+
+
+def _assert_same_nonfinite(a: np.ndarray, b: np.ndarray, what: str) -> None:
+    a64, b64 = to_f64(a), to_f64(b)
+    for test in (np.isnan, np.isposinf, np.isneginf):
+        mismatch = np.argwhere(test(a64) != test(b64))
+        assert mismatch.size == 0, (
+            f"{what}: {test.__name__} differs at {mismatch[:5].tolist()}: "
+            f"{a64[tuple(mismatch[0])]} vs {b64[tuple(mismatch[0])]}"
+        )
+
+
+def _ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Steps between two 16-bit float arrays (bf16 / f16) in the order of their values."""
+
+    def ordered(array):
+        bits = np.ascontiguousarray(array).view(np.uint16).astype(np.int64)
+        return np.where(bits & 0x8000, -(bits & 0x7FFF), bits)
+
+    return np.abs(ordered(a) - ordered(b))
+
+
+def _assert_close(a, b, bound, dtype, what):
+    """``a`` and ``b`` agree: same NaN/inf positions; finite entries within ``bound`` (float64,
+    per entry) or, for bf16/f16, within 1 ulp of the dtype."""
+    _assert_same_nonfinite(a, b, what)
+    a64, b64 = to_f64(a), to_f64(b)
+    finite = np.isfinite(a64)
+    with np.errstate(invalid="ignore"):  # inf - inf where both are the same inf
+        ok = np.abs(a64 - b64) <= bound
+    if dtype in LOW_PRECISION:
+        ok |= _ulp_distance(a, b) <= 1
+    bad = np.argwhere(finite & ~ok)
+    if bad.size:
+        first = tuple(bad[0])
+        limit = np.broadcast_to(bound, a64.shape)[first]
+        raise AssertionError(
+            f"{what}: {len(bad)} entries differ, first at {list(first)}: "
+            f"{a64[first]!r} vs {b64[first]!r} (bound {limit!r})"
+        )
+
+
+def _rows(array, axis):
+    """``array`` in float64 with the reduced axes flattened last: (rows, n)."""
+    a = to_f64(array)
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = tuple(sorted(ax % a.ndim for ax in axes))
+    kept = [ax for ax in range(a.ndim) if ax not in axes]
+    moved = np.transpose(a, kept + list(axes))
+    n = int(np.prod([a.shape[ax] for ax in axes]))
+    return moved.reshape(-1, n), moved.shape, kept + list(axes)
+
+
+def _unrows(rows, moved_shape, order, shape):
+    return np.transpose(rows.reshape(moved_shape), np.argsort(order)).reshape(shape)
+
+
+def _forward_bound(name, y, axis):
+    """Per-entry bound for two float32 evaluations of the forward pass (``y``: one of them).
+
+    softmax: each result carries a few roundings relative to itself. log_softmax is
+    ``(x - max) - L``, ``L = log(sum(exp(x - max)))``: both paths form ``x - max`` identically, so
+    they differ by their L (a few ulps of max(1, L)) plus the final rounding (ulps of the result).
+    """
+    y = to_f64(y)
+    with np.errstate(invalid="ignore"):
+        if name == "softmax":
+            return F32_ULPS * EPS32 * np.where(np.isfinite(y), np.abs(y), 0.0)
+        rows, moved_shape, order = _rows(y, axis)
+        finite_rows = np.where(np.isfinite(rows), rows, -np.inf)
+        big_l = -np.max(finite_rows, axis=1, keepdims=True)  # L = -max(log_softmax)
+        big_l = np.where(np.isfinite(big_l), np.abs(big_l), 0.0)
+        scale = np.broadcast_to(np.maximum(1.0, big_l), rows.shape)
+        scale = _unrows(scale, moved_shape, order, y.shape)
+        return F32_ULPS * EPS32 * (scale + np.abs(np.where(np.isfinite(y), y, 0.0)))
+
+
+def _backward_bound(name, y, g, axis, dtype="float32"):
+    """Per-entry bound for two float32 evaluations of the backward pass (``y``: an output).
+
+    softmax ``dx = y (g - sum(g y))``: errors scale with ``|y| (|g| + sum|g y|)``, not with
+    ``|dx|``, which cancels where ``g`` is near the row's ``sum(g y)``. log_softmax
+    ``dx = g' - exp(y) sum(g')``: errors scale with ``|g'| + exp(y) sum|g'| (max(1, L) + |y|)``
+    (an absolute error ``e`` in ``y`` is a relative error ``e`` in ``exp(y)``).
+
+    With bf16/f16 ``dtype`` the two paths' outputs ``y`` may differ by 1 ulp of the dtype (a
+    relative ``eps``), which the backward pass carries through the same terms: the bound then
+    adds ``2 eps`` of the dtype per term.
+    """
+    y_rows, moved_shape, order = _rows(y, axis)
+    g_rows = _rows(g, axis)[0]
+    with np.errstate(invalid="ignore", over="ignore"):
+        if name == "softmax":
+            dot = np.sum(np.abs(g_rows * y_rows), axis=1, keepdims=True)
+            scale = np.abs(y_rows) * (np.abs(g_rows) + dot)
+        else:
+            guarded = np.where(y_rows == -np.inf, 0.0, np.abs(g_rows))
+            probs = np.exp(y_rows)
+            finite_y = np.where(np.isfinite(y_rows), y_rows, -np.inf)
+            big_l = -np.max(finite_y, axis=1, keepdims=True)
+            big_l = np.where(np.isfinite(big_l), np.abs(big_l), 0.0)
+            total = np.sum(guarded, axis=1, keepdims=True)
+            finite_abs_y = np.where(np.isfinite(y_rows), np.abs(y_rows), 0.0)
+            scale = guarded + probs * total * (np.maximum(1.0, big_l) + finite_abs_y)
+    scale = np.where(np.isfinite(scale), scale, 0.0)
+    per_term = F32_ULPS * EPS32
+    if dtype in LOW_PRECISION:
+        per_term += 2 * float(ml_dtypes.finfo(_storage(dtype)).eps)
+    return per_term * _unrows(scale, moved_shape, order, to_f64(y).shape)
+
+
+def _storage(dtype: str):
+    return ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def _edge_logits(dtype: str) -> tuple[jax.Array, list[str]]:
+    """Rows of 37 (odd, 2 blocks of 16 and a partial one) mixing every row rule."""
+    n = 37
+    rng = np.random.default_rng(7)
+    big = 6e4 if dtype == "float16" else 3e38  # near the dtype's largest finite value
+    inf = np.inf
+    rows: dict[str, np.ndarray] = {}
+    base = (rng.standard_normal((14, n)) * 3).astype(np.float32)
+    rows["plain"] = base[0]
+    rows["nan"] = np.where(np.arange(n) == 5, np.nan, base[1])
+    rows["nan_and_inf"] = np.where(np.arange(n) == 3, np.nan, np.where(np.arange(n) == 30, inf, 0))
+    rows["all_minus_inf"] = np.full(n, -inf)
+    rows["one_plus_inf"] = np.where(np.arange(n) == 33, inf, base[2])  # in the partial block
+    rows["three_plus_inf"] = np.where(np.isin(np.arange(n), [0, 17, 36]), inf, base[3])
+    rows["plus_and_minus_inf"] = np.where(np.arange(n) % 2 == 0, -inf, inf)
+    rows["some_minus_inf"] = np.where(np.arange(n) % 3 == 0, -inf, base[4])
+    rows["one_finite"] = np.where(np.arange(n) == 20, 1.5, -inf)
+    rows["huge"] = np.where(np.arange(n) % 2 == 0, big, -big) * np.where(base[5] > 0, 1, 0.5)
+    rows["huge_and_small"] = np.concatenate([[big, -big, 0.0, 1.0], base[6][4:]])
+    rows["equal_large"] = np.full(n, big / 2)
+    rows["wide_range"] = base[7] * 40  # exps spanning float32's whole range, some flushed
+    rows["tail_max"] = np.where(np.arange(n) == n - 1, 50.0, base[8])  # max in the partial block
+    names = list(rows)
+    values = np.stack([rows[key] for key in names]).astype(np.float32)
+    return jnp.asarray(values).astype(dtype), names
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the kernels agree with the XLA path
+
+
+SHAPES_AND_AXES = [
+    ((1,), -1),
+    ((3,), -1),
+    ((1, 15), -1),
+    ((4, 16), -1),
+    ((5, 17), -1),
+    ((1, 1000), -1),
+    ((3, 4099), -1),
+    ((701, 101), -1),  # many rows (70801 entries): split over XLA's thread pool
+    ((3, 5, 19), -1),
+    ((3, 5, 19), (-2, -1)),  # a trailing block of two axes: one row of 95 per leading index
+]
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AND_AXES)
+def test_kernel_matches_xla_path(monkeypatch, name, dtype, shape, axis):
+    x = _logits(shape, dtype, seed=1)
+    g = _logits(shape, dtype, seed=2, scale=1.0)
+    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
+    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
+    _assert_switched(name, hlo_on, hlo_off)
+    assert y_on.dtype == y_off.dtype == x.dtype and y_on.shape == shape
+    assert dx_on.dtype == dx_off.dtype == x.dtype and dx_on.shape == shape
+    _assert_close(y_on, y_off, _forward_bound(name, y_off, axis), dtype, f"{name} forward")
+    bwd_bound = _backward_bound(name, y_off, g, axis, dtype)
+    _assert_close(dx_on, dx_off, bwd_bound, dtype, f"{name} vjp")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_large_output_matches_xla_path(monkeypatch, name):
+    # 4.3 MB per output: the kernels advise huge pages on its 2 MiB-aligned interior.
+    x = _logits((263, 4099), seed=25)
+    g = _logits((263, 4099), seed=26, scale=1.0)
+    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g)
+    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g)
+    _assert_switched(name, hlo_on, hlo_off)
+    _assert_close(y_on, y_off, _forward_bound(name, y_off, -1), "float32", f"{name} forward")
+    bwd_bound = _backward_bound(name, y_off, g, -1)
+    _assert_close(dx_on, dx_off, bwd_bound, "float32", f"{name} vjp")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("n", [1, 15, 17, 4099])
+def test_backward_kernel_matches_xla_rule_on_the_same_output(monkeypatch, name, dtype, n):
+    # The backward rules alone, fed one and the same output y (the float64 result rounded to the
+    # dtype, -inf / 0 entries included): no forward difference to carry, so bf16/f16 must be
+    # within 1 ulp of the dtype or the float32 bound.
+    rule = impl._softmax_bwd if name == "softmax" else impl._log_softmax_bwd
+    x = np.array(_logits((6, n), seed=23), np.float32)
+    x[1, ::4] = -np.inf
+    x[2] = -np.inf
+    y = jnp.asarray(REFERENCES[name](x)).astype(dtype)
+    g = _logits((6, n), dtype, seed=24, scale=1.0)
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv(ENV, mode)
+        lowered = jax.jit(lambda y, g: rule((1,), None, y, g)[0]).lower(y, g)
+        results[mode] = (_np(lowered.compile()(y, g)), _targets(lowered.as_text()))
+    assert results["on"][1] == {f"jsoftmax_{name}_bwd"} and not results["off"][1]
+    bound = _backward_bound(name, y, g, -1)
+    _assert_close(results["on"][0], results["off"][0], bound, dtype, f"{name} backward rule")
+    np.testing.assert_array_equal(to_f64(results["on"][0])[2], 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_kernel_matches_xla_path_on_edge_rows(monkeypatch, name, dtype):
+    x, row_names = _edge_logits(dtype)
+    g = _logits(x.shape, dtype, seed=3, scale=1.0)
+    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g)
+    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g)
+    _assert_switched(name, hlo_on, hlo_off)
+    fwd_bound = _forward_bound(name, y_off, -1)
+    bwd_bound = _backward_bound(name, y_off, g, -1, dtype)
+    for row, row_name in enumerate(row_names):
+        what = f"{name} {dtype} row {row_name!r}"
+        _assert_close(y_on[row], y_off[row], fwd_bound[row], dtype, f"{what} forward")
+        _assert_close(dx_on[row], dx_off[row], bwd_bound[row], dtype, f"{what} vjp")
+
+
+def test_edge_rows_follow_the_row_rules(monkeypatch):
+    # The rules themselves, on the kernel's output (the comparison above would pass if both
+    # paths broke the same way).
+    monkeypatch.setenv(ENV, "on")
+    x, row_names = _edge_logits("float32")
+    rows = dict(zip(row_names, range(len(row_names)), strict=True))
+    probs = _np(jsoftmax.softmax(x))
+    log_probs = _np(jsoftmax.log_softmax(x))
+    for key in ("nan", "nan_and_inf"):
+        assert np.isnan(probs[rows[key]]).all() and np.isnan(log_probs[rows[key]]).all(), key
+    np.testing.assert_array_equal(probs[rows["all_minus_inf"]], 0.0)
+    np.testing.assert_array_equal(log_probs[rows["all_minus_inf"]], -np.inf)
+    for key, k in (("one_plus_inf", 1), ("three_plus_inf", 3), ("plus_and_minus_inf", 18)):
+        hit = np.asarray(x[rows[key]]) == np.inf
+        assert hit.sum() == k, key
+        np.testing.assert_array_equal(probs[rows[key]], np.where(hit, np.float32(1 / k), 0), key)
+        expected_log = np.where(hit, -np.log(np.float32(k)), -np.inf).astype(np.float32)
+        np.testing.assert_allclose(log_probs[rows[key]], expected_log, rtol=1e-7, err_msg=key)
+    for key in ("huge", "huge_and_small", "equal_large", "one_finite"):
+        assert np.all(np.isfinite(probs[rows[key]])), key
+        np.testing.assert_allclose(probs[rows[key]].sum(), 1.0, rtol=1e-6, err_msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. accuracy against float64
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("n", [17, 1000, 4099])
+def test_float32_accuracy(monkeypatch, name, n):
+    """Per entry: the rounding of ``x - max`` in float32 (half an ulp of it, absolute, which is a
+    relative error of exp(x - max)) is inherent to any float32 implementation that shifts by the
+    maximum (up to ~4e-6 for entries above 1e-30, where |x - max| < 69); on top of it a few
+    roundings (exp polynomial, sum, reciprocal, product) of a few eps each."""
+    monkeypatch.setenv(ENV, "on")
+    x = _logits((8, n), seed=4, scale=8.0)
+    hlo = jax.jit(lambda x: FUNCTIONS[name](x)).lower(x).as_text()
+    assert _targets(hlo) == {f"jsoftmax_{name}_fwd"}
+    out = to_f64(FUNCTIONS[name](x))
+    exact = REFERENCES[name](x)
+    x64 = to_f64(x)
+    shifted = np.abs(x64 - x64.max(axis=-1, keepdims=True)).astype(np.float32)
+    half_ulp_shift = 0.5 * np.spacing(shifted).astype(np.float64)
+    if name == "softmax":
+        considered = exact > 1e-30  # below, float32's flush of subnormal exps dominates
+        rel = np.abs(out - exact) / exact
+        allowed = half_ulp_shift + 8 * EPS32
+        bad = considered & (rel > allowed)
+        assert not bad.any(), f"max relative error {rel[considered].max():.3g}"
+        assert np.all(np.abs(out - exact) <= 1e-30 + allowed * exact)
+    else:
+        big_l = -exact.max(axis=-1, keepdims=True)
+        allowed = half_ulp_shift + 8 * EPS32 * (np.maximum(1.0, big_l) + np.abs(exact))
+        err = np.abs(out - exact)
+        assert np.all(err <= allowed), f"max error {err.max():.3g} (bound {allowed.min():.3g})"
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_is_rounded_once(monkeypatch, name, dtype):
+    # The float64 result at the (already rounded) input, rounded once to the dtype: the kernel
+    # computes in float32, so it may differ from that only where the float32 result lies within
+    # float32 rounding of a rounding boundary of the dtype (then by 1 ulp).
+    monkeypatch.setenv(ENV, "on")
+    x = _logits((16, 333), dtype, seed=5)
+    assert _targets(jax.jit(lambda x: FUNCTIONS[name](x)).lower(x).as_text()) == {
+        f"jsoftmax_{name}_fwd"
+    }
+    out = _np(FUNCTIONS[name](x))
+    rounded = REFERENCES[name](x).astype(out.dtype)
+    distance = _ulp_distance(out, rounded)
+    assert distance.max() <= 1, f"{int(distance.max())} ulps from the correctly rounded result"
+    exact_share = np.mean(distance == 0)
+    assert exact_share >= 0.99, f"only {exact_share:.2%} of entries correctly rounded"
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_float32_backward_accuracy(monkeypatch, name):
+    # The kernel's vjp against the float64 vjp at the float64 output, with the same per-term
+    # bound as the comparison of the two paths.
+    monkeypatch.setenv(ENV, "on")
+    x = _logits((6, 1000), seed=6)
+    g = _logits((6, 1000), seed=7, scale=1.0)
+    _, pullback = jax.vjp(lambda x: FUNCTIONS[name](x), x)
+    dx = to_f64(pullback(g)[0])
+    exact_y = REFERENCES[name](x)
+    g64 = to_f64(g)
+    if name == "softmax":
+        exact = exact_y * (g64 - np.sum(g64 * exact_y, axis=-1, keepdims=True))
+    else:
+        exact = g64 - np.exp(exact_y) * np.sum(g64, axis=-1, keepdims=True)
+    bound = _backward_bound(name, exact_y, g64, -1)
+    err = np.abs(dx - exact)
+    assert np.all(err <= bound), f"max error {err.max():.3g}, worst ratio {np.max(err / bound):.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# 3. when the XLA path is kept, and when the kernels are lowered
+
+
+def _lowered_targets(fn, *args, **kwargs) -> set[str]:
+    return _targets(jax.jit(fn).lower(*args, **kwargs).as_text())
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_float64_uses_xla_path(monkeypatch, name):
+    monkeypatch.setenv(ENV, "on")
+    with enable_x64():
+        x = _logits((4, 33), "float64")
+        assert x.dtype == jnp.float64
+        assert not _kernel.eligible(x, (1,), None)
+        fn = FUNCTIONS[name]
+        assert not _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x)[:, 0])), x)
+        np.testing.assert_allclose(_np(fn(x)), REFERENCES[name](x), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_non_trailing_axis_uses_xla_path(monkeypatch, name):
+    monkeypatch.setenv(ENV, "on")
+    x = _logits((33, 4))
+    fn = FUNCTIONS[name]
+    assert not _kernel.eligible(x, (0,), None)
+    assert not _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=0)[0])), x)
+    # The same 2-D input over its trailing axis does use the kernels (the check above can fail).
+    assert _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=1)[0])), x) == {
+        f"jsoftmax_{name}_fwd",
+        f"jsoftmax_{name}_bwd",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_where_keeps_xla_forward_but_kernel_backward(monkeypatch, name):
+    # Masked calls run the XLA forward pass; the backward rules do not depend on the mask (a
+    # masked entry's output is 0 / -inf like an unmasked -inf's), so the backward kernel is used.
+    fn = FUNCTIONS[name]
+    x = _logits((6, 37), seed=8)
+    mask = np.random.default_rng(9).random((6, 37)) > 0.3
+    mask[2] = False  # a fully masked row
+    weights = _logits((6, 37), seed=10, scale=1.0)
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv(ENV, mode)
+
+        def loss(x):
+            out = fn(x, where=mask)
+            return jnp.sum(jnp.where(jnp.isfinite(out), out, 0) * weights)
+
+        lowered = jax.jit(jax.value_and_grad(loss)).lower(x)
+        results[mode] = (_targets(lowered.as_text()), *map(_np, lowered.compile()(x)))
+    assert results["on"][0] == {f"jsoftmax_{name}_bwd"}, results["on"][0]
+    assert results["off"][0] == set()
+    np.testing.assert_allclose(results["on"][1], results["off"][1], rtol=1e-6)
+    bound = _backward_bound(name, _np(fn(x, where=mask)), weights, -1)
+    _assert_close(results["on"][2], results["off"][2], bound, "float32", f"masked {name} grad")
+    np.testing.assert_array_equal(results["on"][2][2], 0.0)
+
+
+def test_axis_name_is_not_eligible(monkeypatch):
+    monkeypatch.setenv(ENV, "on")
+    x = _logits((4, 16))
+    assert _kernel.eligible(x, (1,), None)  # the same call without axis_name is
+    assert not _kernel.eligible(x, (1,), "x")
+    assert not _kernel.eligible(x, (1,), ("x", "y"))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0,)])
+def test_empty_arrays_use_xla_path(monkeypatch, shape):
+    monkeypatch.setenv(ENV, "on")
+    x = jnp.zeros(shape, jnp.float32)
+    assert not _kernel.eligible(x, (len(shape) - 1,), None)
+    for name, fn in FUNCTIONS.items():
+        assert not _lowered_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x))), x), name
+        assert fn(x).shape == shape
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_mode_off_is_not_eligible(monkeypatch, dtype):
+    x = _logits((4, 16), dtype)
+    monkeypatch.setenv(ENV, "off")
+    assert not _kernel.eligible(x, (1,), None)
+    monkeypatch.setenv(ENV, "on")
+    assert _kernel.eligible(x, (1,), None)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_lowering_for_cuda_has_no_cpu_kernel(monkeypatch, name):
+    monkeypatch.setenv(ENV, "on")
+    fn = FUNCTIONS[name]
+    x = _logits((4, 17))
+    jitted = jax.jit(jax.value_and_grad(lambda x: jnp.sum(fn(x)[:, 0])))
+    if not hasattr(jitted, "trace"):
+        pytest.skip("this JAX has no jit(...).trace(...) to lower for another platform")
+    traced = jitted.trace(x)
+    try:
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    except TypeError as error:
+        pytest.skip(f"lowering_platforms unavailable: {error}")
+    cpu = jitted.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    assert not _targets(cuda), f"CUDA lowering calls the CPU kernels: {_targets(cuda)}"
+    assert _targets(cpu) == {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd"}
+
+
+# --------------------------------------------------------------------------------------------
+# 4. transformations around the kernels
+
+
+def _in_both_modes(monkeypatch, name, make_fn, *args):
+    """Outputs (numpy) of ``make_fn()`` jitted afresh with mode on and with mode off; checks that
+    "on" lowered both kernels of ``name`` and "off" none."""
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv(ENV, mode)
+        lowered = jax.jit(make_fn()).lower(*args)
+        outputs = jax.tree_util.tree_map(_np, lowered.compile()(*args))
+        results[mode] = (lowered.as_text(), outputs)
+    _assert_switched(name, results["on"][0], results["off"][0])
+    return results["on"][1], results["off"][1]
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("in_axis", [0, 1])
+def test_vmap(monkeypatch, name, in_axis):
+    fn = FUNCTIONS[name]
+    x = _logits((5, 6, 19), seed=11)
+    g = _logits((5, 6, 19), seed=12, scale=1.0)
+
+    def make():
+        def value_and_vjp(x, g):
+            y, pullback = jax.vjp(fn, x)
+            return y, pullback(g)[0]
+
+        return jax.vmap(value_and_vjp, in_axes=(in_axis, in_axis))
+
+    (y_on, dx_on), (y_off, dx_off) = _in_both_modes(monkeypatch, name, make, x, g)
+    moved_x, moved_g = np.moveaxis(_np(x), in_axis, 0), np.moveaxis(_np(g), in_axis, 0)
+    np.testing.assert_allclose(y_off, REFERENCES[name](moved_x), rtol=1e-5, atol=1e-6)
+    _assert_close(y_on, y_off, _forward_bound(name, y_off, -1), "float32", "vmap forward")
+    bound = _backward_bound(name, y_off, moved_g, -1)
+    _assert_close(dx_on, dx_off, bound, "float32", "vmap vjp")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_grad_and_grad_of_grad(monkeypatch, name):
+    fn = FUNCTIONS[name]
+    x = _logits((3, 21), seed=13)
+    w = _logits((3, 21), seed=14, scale=1.0)
+    v = _logits((3, 21), seed=15, scale=1.0)
+
+    def make():
+        def loss(x):
+            return jnp.sum(w * fn(x))
+
+        def inner(x):
+            return jnp.sum(v * jax.grad(loss)(x))
+
+        return lambda x: (jax.grad(loss)(x), jax.grad(inner)(x))
+
+    (grad_on, hess_on), (grad_off, hess_off) = _in_both_modes(monkeypatch, name, make, x)
+    np.testing.assert_allclose(grad_on, grad_off, rtol=1e-5, atol=1e-6)
+    # Second derivatives of these shift-invariant functions sum to 0 along each row: terms of
+    # order 1 cancel, so the two paths differ by a few float32 ulps of those terms.
+    np.testing.assert_allclose(hess_on, hess_off, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_jacrev_of_jacrev(monkeypatch, name):
+    fn = FUNCTIONS[name]
+    x = _logits((2, 7), seed=16)
+    on, off = _in_both_modes(monkeypatch, name, lambda: jax.jacrev(jax.jacrev(fn)), x)
+    assert on.shape == (2, 7) * 3
+    # Shift invariance: cancelling terms of order 1 (see test_grad_and_grad_of_grad).
+    np.testing.assert_allclose(on, off, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_checkpoint(monkeypatch, name):
+    fn = FUNCTIONS[name]
+    x = _logits((4, 40), seed=17)
+    w = _logits((4, 40), seed=18, scale=1.0)
+
+    def make():
+        # A fresh function to checkpoint: jax.checkpoint caches its trace by the function object,
+        # so checkpointing jsoftmax.softmax itself would reuse the first mode's trace.
+        return jax.value_and_grad(lambda x: jnp.sum(w * jax.checkpoint(lambda x: fn(x))(x)))
+
+    (loss_on, grad_on), (loss_off, grad_off) = _in_both_modes(monkeypatch, name, make, x)
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5, atol=1e-5)
+    y = REFERENCES[name](x)
+    _assert_close(grad_on, grad_off, _backward_bound(name, y, w, -1), "float32", "checkpoint")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_scan(monkeypatch, name):
+    fn = FUNCTIONS[name]
+    x = _logits((5, 3, 29), seed=19)
+    w = _logits((5, 3, 29), seed=20, scale=1.0)
+
+    def make():
+        def loss(x):
+            def step(carry, xs):
+                row, weight = xs
+                out = fn(row)
+                return carry + jnp.sum(weight * out), out
+
+            total, outs = lax.scan(step, jnp.float32(0), (x, w))
+            return total, outs
+
+        return jax.value_and_grad(loss, has_aux=True)
+
+    ((loss_on, outs_on), grad_on), ((loss_off, outs_off), grad_off) = _in_both_modes(
+        monkeypatch, name, make, x
+    )
+    np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5, atol=1e-5)
+    _assert_close(outs_on, outs_off, _forward_bound(name, outs_off, -1), "float32", "scan outputs")
+    y = REFERENCES[name](x)
+    _assert_close(grad_on, grad_off, _backward_bound(name, y, w, -1), "float32", "scan grad")
+
+
+# --------------------------------------------------------------------------------------------
+# 5. auto mode
+
+
+def test_auto_with_several_devices_uses_xla_path(monkeypatch):
+    if len(jax.devices("cpu")) == 1:
+        pytest.skip("needs the conftest's simulated devices")
+    monkeypatch.setenv(ENV, "auto")
+    x = _logits((4, 17))
+    for name, fn in FUNCTIONS.items():
+        assert not _lowered_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x)[:, 0])), x), name
+    assert jsoftmax.cpu_kernel_info()["single_cpu_device"] is False
+    # The same call with "on" does lower the kernels (so the check above can fail).
+    monkeypatch.setenv(ENV, "on")
+    assert _lowered_targets(lambda x: jsoftmax.softmax(x), x) == {"jsoftmax_softmax_fwd"}
+
+
+def _subprocess_env(**overrides: str) -> dict[str, str]:
+    """This environment with one CPU device (no simulated-device flag) and ``overrides``."""
+    env = dict(os.environ)
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    env["XLA_FLAGS"] = flags.strip()
+    env.update(overrides)
+    return env
+
+
+def _run_probe(script: str, env: dict[str, str]) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+PROBE = """
+    import json, re
+    import jax, jax.numpy as jnp, numpy as np
+    import jsoftmax
+
+    def targets(fn, x):
+        text = jax.jit(fn).lower(x).as_text()
+        return sorted(set(re.findall(r"custom_call @(jsoftmax_\\w+)", text)))
+
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32) * 3)
+    x64 = np.asarray(x, np.float64)
+    exact = np.exp(x64 - x64.max(-1, keepdims=True))
+    exact /= exact.sum(-1, keepdims=True)
+    print(json.dumps({
+        "devices": len(jax.devices()),
+        "info": jsoftmax.cpu_kernel_info(),
+        "targets": targets(jax.grad(lambda x: jnp.sum(jsoftmax.softmax(x)[:, 0])), x),
+        "log_targets": targets(lambda x: jsoftmax.log_softmax(x), x),
+        "softmax_error": float(np.max(np.abs(np.asarray(jsoftmax.softmax(x), np.float64) - exact))),
+    }))
+"""
+
+
+def test_auto_with_one_device_uses_kernel():
+    # Same cache directory as this process: the library is found, not rebuilt.
+    here = jsoftmax.cpu_kernel_info()
+    assert here["available"], here["error"]
+    out = _run_probe(PROBE, _subprocess_env(**{ENV: "auto"}))
+    assert out["devices"] == 1
+    info = out["info"]
+    assert info["mode"] == "auto" and info["single_cpu_device"] is True, info
+    assert info["available"] is True and info["error"] is None, info
+    assert info["library"] == here["library"], "the subprocess built a second library"
+    assert out["targets"] == ["jsoftmax_softmax_bwd", "jsoftmax_softmax_fwd"]
+    assert out["log_targets"] == ["jsoftmax_log_softmax_fwd"]
+    assert out["softmax_error"] < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# 6. a failed build leaves the XLA path
+
+
+def _failing_compilers(tmp_path) -> dict[str, str]:
+    fake = tmp_path / "fake-c++"
+    # Answers --version like a compiler, then fails every compilation (the _build error path).
+    fake.write_text(
+        '#!/bin/sh\nif [ "$1" = --version ]; then echo "fake 1.0"; exit 0; fi\nexit 1\n'
+    )
+    fake.chmod(0o755)
+    return {
+        "false": "false",
+        "missing": str(tmp_path / "no-such-compiler"),
+        "fails_to_compile": str(fake),
+    }
+
+
+@pytest.mark.parametrize("compiler", ["false", "missing", "fails_to_compile"])
+def test_build_failure_falls_back_to_xla_path(tmp_path, compiler):
+    cache = tmp_path / "cache"
+    env = _subprocess_env(
+        **{
+            ENV: "on",
+            "CXX": _failing_compilers(tmp_path)[compiler],
+            "JSOFTMAX_CACHE_DIR": str(cache),
+        }
+    )
+    out = _run_probe(PROBE, env)
+    info = out["info"]
+    assert info["available"] is False and info["library"] is None, info
+    assert isinstance(info["error"], str) and info["error"].strip(), info
+    assert out["targets"] == [] and out["log_targets"] == [], out
+    assert out["softmax_error"] < 1e-6
+    leftovers = list(cache.glob("*")) if cache.exists() else []
+    assert not leftovers, f"a failed build left {leftovers}"
+
+
+# --------------------------------------------------------------------------------------------
+# 7-8. the mode variable and cpu_kernel_info
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("value", ["maybe", "1", "yes"])
+def test_bad_mode_value_is_a_value_error(monkeypatch, name, value):
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ValueError, match="JSOFTMAX_CPU_KERNEL"):
+        FUNCTIONS[name](jnp.zeros((2, 3)))
+    with pytest.raises(ValueError, match="JSOFTMAX_CPU_KERNEL"):
+        jsoftmax.cpu_kernel_info()
+
+
+def test_cpu_kernel_info_in_this_process():
+    assert _kernel.SOURCE.is_file(), _kernel.SOURCE
+    info = jsoftmax.cpu_kernel_info()
+    assert set(info) == {"mode", "available", "library", "error", "single_cpu_device"}
+    assert info["mode"] == "on", "the root conftest.py sets JSOFTMAX_CPU_KERNEL=on"
+    assert info["available"] is True and info["error"] is None, info["error"]
+    assert info["library"] and os.path.isfile(info["library"]), info["library"]
+    assert info["single_cpu_device"] is (len(jax.devices("cpu")) == 1)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. torch interop
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_torch_interop_modes_agree(monkeypatch, log):
+    torch = pytest.importorskip("torch")
+    from jsoftmax.interop import _ops
+
+    from jsoftmax import interop
+
+    fn = interop.log_softmax if log else interop.softmax
+    name = "log_softmax" if log else "softmax"
+    values = np.random.default_rng(21).standard_normal((4, 19)).astype(np.float32) * 3
+    values[1] = -np.inf
+    values[2, [4, 11]] = np.inf
+    values[3, ::3] = -np.inf
+    cotangent = torch.tensor(
+        np.random.default_rng(22).standard_normal((4, 19)), dtype=torch.float32
+    )
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv(ENV, mode)
+        x = torch.tensor(values, requires_grad=True)
+        out = fn(x, dim=1)
+        (grad,) = torch.autograd.grad(out, x, cotangent)
+        # The interop's jitted JAX functions, lowered as the calls above ran them.
+        forward = _ops._jax_forward.lower(
+            jnp.asarray(values), shape=values.shape, axis=1, log=log, kernel_mode=mode
+        )
+        backward = _ops._jax_backward.lower(
+            jnp.asarray(cotangent.numpy()), jnp.asarray(out.detach().numpy()), 1, log, mode
+        )
+        results[mode] = (out.detach().numpy(), grad.numpy(), forward.as_text() + backward.as_text())
+    _assert_switched(name, results["on"][2], results["off"][2])
+    y_on, dx_on, _ = results["on"]
+    y_off, dx_off, _ = results["off"]
+    _assert_close(y_on, y_off, _forward_bound(name, y_off, -1), "float32", f"interop {name}")
+    bound = _backward_bound(name, y_off, cotangent.numpy(), -1)
+    _assert_close(dx_on, dx_off, bound, "float32", f"interop {name} grad")
+    np.testing.assert_array_equal(y_on[1], 0.0 if not log else -np.inf)
+    np.testing.assert_array_equal(dx_on[1], 0.0)
+    hit = np.isinf(values[2])
+    expected = np.where(hit, -np.log(2.0), -np.inf) if log else np.where(hit, 0.5, 0.0)
+    np.testing.assert_allclose(y_on[2], expected, rtol=1e-7)
