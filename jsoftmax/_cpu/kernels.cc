@@ -138,12 +138,18 @@ struct BF16 {
     return (vf)(__builtin_convertvector(h, vu) << 16);
   }
   static void store(T* p, vf v) {
+#if defined(__AVX512BF16__)
+    // One instruction: nearest-even, NaN kept quiet (results below FLT_MIN flush to 0).
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)v);
+    std::memcpy(p, &h, sizeof(h));
+#else
     const vu bits = (vu)v;
     const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;  // nearest even
     const vu quiet = (bits >> 16) | 0x40u;
     const vu out = (v != v) ? quiet : rounded;
     const vh h = __builtin_convertvector(out, vh);
     std::memcpy(p, &h, sizeof(h));
+#endif
   }
   static float to_float(T v) {
     const uint32_t bits = uint32_t(v) << 16;
