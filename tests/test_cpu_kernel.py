@@ -173,7 +173,7 @@ def _backward_bound(name, y, g, axis, dtype="float32"):
 
     With bf16/f16 ``dtype`` the two paths' outputs ``y`` may differ by 1 ulp of the dtype (a
     relative ``eps``), which the backward pass carries through the same terms: the bound then
-    adds ``2 eps`` of the dtype per term.
+    adds ``2 eps`` of the dtype per term, and two subnormal steps for results in that range.
     """
     y_rows, moved_shape, order = _rows(y, axis)
     g_rows = _rows(g, axis)[0]
@@ -192,9 +192,14 @@ def _backward_bound(name, y, g, axis, dtype="float32"):
             scale = guarded + probs * total * (np.maximum(1.0, big_l) + finite_abs_y)
     scale = np.where(np.isfinite(scale), scale, 0.0)
     per_term = F32_ULPS * EPS32
+    floor = 0.0
     if dtype in LOW_PRECISION:
-        per_term += 2 * float(ml_dtypes.finfo(_storage(dtype)).eps)
-    return per_term * _unrows(scale, moved_shape, order, to_f64(y).shape)
+        info = ml_dtypes.finfo(_storage(dtype))
+        per_term += 2 * float(info.eps)
+        # Results in the subnormal range are rounded to a fixed spacing, not a relative one: a
+        # 1-ulp difference in y can move a subnormal dx by 2 steps of that spacing.
+        floor = 2 * float(info.smallest_subnormal)
+    return per_term * _unrows(scale, moved_shape, order, to_f64(y).shape) + floor
 
 
 def _storage(dtype: str):
@@ -313,6 +318,73 @@ def test_kernel_matches_xla_path_on_edge_rows(monkeypatch, name, dtype):
         what = f"{name} {dtype} row {row_name!r}"
         _assert_close(y_on[row], y_off[row], fwd_bound[row], dtype, f"{what} forward")
         _assert_close(dx_on[row], dx_off[row], bwd_bound[row], dtype, f"{what} vjp")
+
+
+# Column kernels: a block of reduced axes followed by at least 16 entries ([outer, n, inner]).
+COLUMN_SHAPES_AND_AXES = [
+    ((20, 16), 0),  # inner exactly one lane block
+    ((2, 100, 17), 1),  # a full block and a partial one of 1 lane
+    ((7, 33, 40), 1),  # partial block of 8 lanes
+    ((3, 37, 5, 40), (1, 2)),  # two reduced axes in the middle
+    ((64, 301, 32), 1),  # enough units to split over the thread pool
+]
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(("shape", "axis"), COLUMN_SHAPES_AND_AXES)
+def test_column_kernel_matches_xla_path(monkeypatch, name, dtype, shape, axis):
+    x = _logits(shape, dtype, seed=31)
+    g = _logits(shape, dtype, seed=32, scale=1.0)
+    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
+    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
+    expected = {f"jsoftmax_{name}_fwd_columns", f"jsoftmax_{name}_bwd_columns"}
+    assert _targets(hlo_on) == expected, _targets(hlo_on)
+    assert not _targets(hlo_off)
+    _assert_close(y_on, y_off, _forward_bound(name, y_off, axis), dtype, f"{name} forward")
+    bwd_bound = _backward_bound(name, y_off, g, axis, dtype)
+    _assert_close(dx_on, dx_off, bwd_bound, dtype, f"{name} vjp")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_column_kernel_on_edge_slices(monkeypatch, name, dtype):
+    # The edge rows as columns (reduced over axis 0), twice side by side so that 16 lanes hold
+    # different rules at once; then the same per-slice comparison as for the row kernels.
+    rows, row_names = _edge_logits(dtype)
+    x = jnp.concatenate([rows, rows[::-1]], axis=0).T  # [n, 2 * rows]: slices are columns
+    names = row_names + row_names[::-1]
+    g = _logits(x.shape, dtype, seed=33, scale=1.0)
+    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, 0)
+    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, 0)
+    assert f"jsoftmax_{name}_fwd_columns" in _targets(hlo_on) and not _targets(hlo_off)
+    fwd_bound = _forward_bound(name, y_off, 0)
+    bwd_bound = _backward_bound(name, y_off, g, 0, dtype)
+    for column, column_name in enumerate(names):
+        what = f"{name} {dtype} column {column_name!r}"
+        _assert_close(
+            y_on[:, column], y_off[:, column], fwd_bound[:, column], dtype, f"{what} forward"
+        )
+        _assert_close(dx_on[:, column], dx_off[:, column], bwd_bound[:, column], dtype, what)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((33, 4), (0,)),
+        ((40, 15, 3), (1,)),
+        ((3, 5, 20), (0, 2)),
+        ((4, 5, 20), (0, 2)),
+        ((8, 129), (0,)),
+        ((2, 8, 1024), (1,)),
+    ],
+)
+def test_column_kernel_needs_contiguous_axes_and_16_to_128_entries_after(shape, axes):
+    # Fewer than 16 entries after the block would leave most lanes idle, more than 128 make the
+    # strided walk slower than the XLA path; axes that are not one block have no
+    # [outer, n, inner] view without a transpose: all stay on the XLA path.
+    assert not _kernel.eligible(jnp.zeros(shape, jnp.float32), axes, None)
+    assert _kernel.eligible(jnp.zeros((8, 128), jnp.float32), (0,), None)
 
 
 def test_edge_rows_follow_the_row_rules(monkeypatch):

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -356,13 +357,23 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& bod
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// Output buffers arrive unbacked: every 4 KiB page faults on first write, and on virtual machines
-// that costs more than the softmax itself (a fresh 64 MiB buffer: ~30 ms of faults against ~4 ms
-// with 2 MiB pages, measured in benchmarks/NOTES.md). Asking for transparent huge pages on the
-// 2 MiB-aligned interior of a large output is advice only: it changes no value and is ignored
-// where THP is off.
+// Output buffers arrive unbacked: glibc maps every block above 32 MiB afresh, and every 4 KiB page
+// faults on first write. On this project's VM that costs more than the softmax itself (a fresh
+// 64 MiB buffer: ~30 ms of faults, ~4 ms with 2 MiB pages; but ~170 ms when the huge pages come
+// from memory the host has not backed yet: benchmarks/NOTES.md). Asking for transparent huge
+// pages on the 2 MiB-aligned interior of a large output is advice only: it changes no value and
+// is ignored where THP is off. JSOFTMAX_CPU_HUGE_PAGES=0 (read once per process) turns it off.
+bool huge_pages_wanted() {
+  static const bool wanted = [] {
+    const char* value = std::getenv("JSOFTMAX_CPU_HUGE_PAGES");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return wanted;
+}
+
 void advise_huge_pages(void* data, size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (!huge_pages_wanted()) return;
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (bytes < 2 * kHuge) return;
   const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
@@ -374,104 +385,226 @@ void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-int64_t row_length(const ffi::AnyBuffer& b) {
-  const auto dims = b.dimensions();
-  return dims.size() == 0 ? 1 : dims.back();
+// Columns: the array viewed as [outer, n, inner], slices running along n at stride `inner`. One
+// unit of work is kLanes consecutive inner positions of one outer index, so every load is a
+// contiguous vector and each lane is one slice; the row rules are applied lane by lane, with the
+// same formula as the XLA path (shift by the maximum when finite, +inf slices to their limit, NaN
+// slices NaN, empty sums replaced by 1).
+template <class S>
+inline vf column_load(const typename S::T* p, int64_t lanes, float pad) {
+  return lanes == kLanes ? S::load(p) : load_part<S>(p, lanes, pad);
 }
 
-template <bool kLog>
+// Sum over j < n of term(j) for a column block: four interleaved accumulators per lane, for
+// throughput (the adds do not wait on each other) and accuracy (each sums a quarter of the slice).
+template <class F>
+inline vf column_sum(int64_t n, F&& term) {
+  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    a0 += term(j);
+    a1 += term(j + 1);
+    a2 += term(j + 2);
+    a3 += term(j + 3);
+  }
+  for (; j < n; ++j) a0 += term(j);
+  return (a0 + a1) + (a2 + a3);
+}
+
+template <class S, bool kLog>
+void forward_columns(const typename S::T* x, typename S::T* y, int64_t n, int64_t inner,
+                     int64_t lanes, float* scratch) {
+  vf m = splat(-kInf);
+  vi nan = vi{};
+  for (int64_t j = 0; j < n; ++j) {
+    const vf v = column_load<S>(x + j * inner, lanes, -kInf);
+    nan |= v != v;
+    m = v > m ? v : m;
+  }
+  const vi pos_inf = m == kInf;
+  const vf shift = (m == m) & (m != kInf) & (m != -kInf) ? m : splat(0.0f);
+  auto shifted = [&](vf v) {
+    return pos_inf ? ((v == kInf) ? splat(0.0f) : splat(-kInf)) : v - shift;
+  };
+  vf sum = column_sum(n, [&](int64_t j) {
+    const vf e = vexp(shifted(column_load<S>(x + j * inner, lanes, -kInf)));
+    if constexpr (!kLog) std::memcpy(scratch + j * kLanes, &e, sizeof(e));
+    return e;
+  });
+  sum = sum == 0.0f ? splat(1.0f) : sum;
+  const vf nan_lanes = splat(kNaN);
+  if constexpr (kLog) {
+    vf log_sum;
+    for (int i = 0; i < kLanes; ++i) log_sum[i] = std::log(sum[i]);
+    for (int64_t j = 0; j < n; ++j) {
+      const vf out = shifted(column_load<S>(x + j * inner, lanes, -kInf)) - log_sum;
+      store_block<S>(y + j * inner, nan ? nan_lanes : out, lanes);
+    }
+  } else {
+    const vf inv = 1.0f / sum;
+    for (int64_t j = 0; j < n; ++j) {
+      vf e;
+      std::memcpy(&e, scratch + j * kLanes, sizeof(e));
+      store_block<S>(y + j * inner, nan ? nan_lanes : e * inv, lanes);
+    }
+  }
+}
+
+template <class S, bool kLog>
+void backward_columns(const typename S::T* y, const typename S::T* g, typename S::T* dx,
+                      int64_t n, int64_t inner, int64_t lanes) {
+  const vf acc = column_sum(n, [&](int64_t j) {
+    const vf yv = column_load<S>(y + j * inner, lanes, kLog ? -kInf : 0.0f);
+    const vf gv = column_load<S>(g + j * inner, lanes, 0.0f);
+    if constexpr (kLog)
+      return (yv == -kInf) ? splat(0.0f) : gv;
+    else
+      return gv * yv;
+  });
+  for (int64_t j = 0; j < n; ++j) {
+    const vf yv = column_load<S>(y + j * inner, lanes, kLog ? -kInf : 0.0f);
+    const vf gv = column_load<S>(g + j * inner, lanes, 0.0f);
+    vf out;
+    if constexpr (kLog)
+      out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * acc;
+    else
+      out = yv * (gv - acc);
+    store_block<S>(dx + j * inner, out, lanes);
+  }
+}
+
+// The slice layout of an operand: rows of `n` (columns = false: the reduced axes are trailing), or
+// [outer, n, inner] (columns = true: the last two dimensions are n and inner).
+struct Layout {
+  int64_t units = 0;  // independent pieces of work
+  int64_t n = 0;      // slice length
+  int64_t inner = 1;  // stride between a slice's entries
+  int64_t blocks = 1; // lane blocks per outer index (columns)
+};
+
+Layout layout_of(const ffi::AnyBuffer& b, bool columns) {
+  const auto dims = b.dimensions();
+  const int64_t rank = dims.size();
+  Layout l;
+  l.n = rank == 0 ? 1 : dims[rank - 1];
+  if (columns) {
+    l.inner = l.n;
+    l.n = rank >= 2 ? dims[rank - 2] : 1;
+    l.blocks = (l.inner + kLanes - 1) / kLanes;
+  }
+  const int64_t slices = l.n * l.inner == 0 ? 0 : int64_t(b.element_count()) / (l.n * l.inner);
+  l.units = slices * l.blocks;
+  return l;
+}
+
+template <class F>
+ffi::Error with_storage(ffi::DataType type, F&& f) {
+  switch (type) {
+    case ffi::DataType::F32:
+      f(F32{});
+      return ffi::Error::Success();
+    case ffi::DataType::BF16:
+      f(BF16{});
+      return ffi::Error::Success();
+    case ffi::DataType::F16:
+      f(F16{});
+      return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("jsoftmax CPU kernel: float32, bfloat16 or float16 only");
+  }
+}
+
+template <bool kLog, bool kColumns>
 ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y) {
-  const int64_t n = row_length(x);
-  if (n == 0) return ffi::Error::Success();
-  const int64_t rows = int64_t(x.element_count()) / n;
-  auto run = [&](auto storage) {
+  const Layout l = layout_of(x, kColumns);
+  if (l.units == 0) return ffi::Error::Success();
+  return with_storage(x.element_type(), [&](auto storage) {
     using S = decltype(storage);
     using T = typename S::T;
     const T* xp = reinterpret_cast<const T*>(x.untyped_data());
     T* yp = reinterpret_cast<T*>(y->untyped_data());
     advise_huge_pages(yp, y->size_bytes());
-    parallel_rows(pool, rows, n, [&](int64_t r0, int64_t r1) {
-      std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : n);
-      for (int64_t r = r0; r < r1; ++r)
-        forward_row<S, kLog>(xp + r * n, yp + r * n, n, scratch.data());
+    parallel_rows(pool, l.units, l.n * (kColumns ? kLanes : 1), [&](int64_t u0, int64_t u1) {
+      if constexpr (kColumns) {
+        std::vector<float> scratch(kLog ? 0 : l.n * kLanes);
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t outer = u / l.blocks, first = (u % l.blocks) * kLanes;
+          const int64_t offset = outer * l.n * l.inner + first;
+          forward_columns<S, kLog>(xp + offset, yp + offset, l.n, l.inner,
+                                   std::min<int64_t>(kLanes, l.inner - first), scratch.data());
+        }
+      } else {
+        std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : l.n);
+        for (int64_t r = u0; r < u1; ++r)
+          forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, scratch.data());
+      }
     });
-  };
-  switch (x.element_type()) {
-    case ffi::DataType::F32:
-      run(F32{});
-      break;
-    case ffi::DataType::BF16:
-      run(BF16{});
-      break;
-    case ffi::DataType::F16:
-      run(F16{});
-      break;
-    default:
-      return ffi::Error::InvalidArgument("jsoftmax CPU kernel: float32, bfloat16 or float16 only");
-  }
-  return ffi::Error::Success();
+  });
 }
 
-template <bool kLog>
+template <bool kLog, bool kColumns>
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
                     ffi::Result<ffi::AnyBuffer> dx) {
-  const int64_t n = row_length(y);
-  if (n == 0) return ffi::Error::Success();
-  const int64_t rows = int64_t(y.element_count()) / n;
-  auto run = [&](auto storage) {
+  if (y.element_type() != g.element_type())
+    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: output and cotangent dtypes differ");
+  const Layout l = layout_of(y, kColumns);
+  if (l.units == 0) return ffi::Error::Success();
+  return with_storage(y.element_type(), [&](auto storage) {
     using S = decltype(storage);
     using T = typename S::T;
     const T* yp = reinterpret_cast<const T*>(y.untyped_data());
     const T* gp = reinterpret_cast<const T*>(g.untyped_data());
     T* dp = reinterpret_cast<T*>(dx->untyped_data());
     advise_huge_pages(dp, dx->size_bytes());
-    parallel_rows(pool, rows, n, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        backward_row<S, kLog>(yp + r * n, gp + r * n, dp + r * n, n);
+    parallel_rows(pool, l.units, l.n * (kColumns ? kLanes : 1), [&](int64_t u0, int64_t u1) {
+      for (int64_t u = u0; u < u1; ++u) {
+        if constexpr (kColumns) {
+          const int64_t outer = u / l.blocks, first = (u % l.blocks) * kLanes;
+          const int64_t offset = outer * l.n * l.inner + first;
+          backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, l.n, l.inner,
+                                    std::min<int64_t>(kLanes, l.inner - first));
+        } else {
+          backward_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n);
+        }
+      }
     });
-  };
-  if (y.element_type() != g.element_type())
-    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: output and cotangent dtypes differ");
-  switch (y.element_type()) {
-    case ffi::DataType::F32:
-      run(F32{});
-      break;
-    case ffi::DataType::BF16:
-      run(BF16{});
-      break;
-    case ffi::DataType::F16:
-      run(F16{});
-      break;
-    default:
-      return ffi::Error::InvalidArgument("jsoftmax CPU kernel: float32, bfloat16 or float16 only");
-  }
-  return ffi::Error::Success();
+  });
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_softmax_fwd, Forward<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+#define JSOFTMAX_FORWARD(name, impl)                                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                    \
+                                ffi::Ffi::Bind()                               \
+                                    .Ctx<ffi::ThreadPool>()                    \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Ret<ffi::AnyBuffer>())
+#define JSOFTMAX_BACKWARD(name, impl)                                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                    \
+                                ffi::Ffi::Bind()                               \
+                                    .Ctx<ffi::ThreadPool>()                    \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Arg<ffi::AnyBuffer>()                     \
+                                    .Ret<ffi::AnyBuffer>())
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_log_softmax_fwd, Forward<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+namespace {
+// Rows: the reduced axes are the trailing ones, operands arrive as [..., n].
+constexpr auto softmax_fwd = Forward<false, false>;
+constexpr auto log_softmax_fwd = Forward<true, false>;
+constexpr auto softmax_bwd = Backward<false, false>;
+constexpr auto log_softmax_bwd = Backward<true, false>;
+// Columns: a block of reduced axes with axes after it, operands arrive as [..., n, inner].
+constexpr auto softmax_fwd_columns = Forward<false, true>;
+constexpr auto log_softmax_fwd_columns = Forward<true, true>;
+constexpr auto softmax_bwd_columns = Backward<false, true>;
+constexpr auto log_softmax_bwd_columns = Backward<true, true>;
+}  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_softmax_bwd, Backward<false>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_log_softmax_bwd, Backward<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>());
+JSOFTMAX_FORWARD(jsoftmax_softmax_fwd, softmax_fwd);
+JSOFTMAX_FORWARD(jsoftmax_log_softmax_fwd, log_softmax_fwd);
+JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd, softmax_bwd);
+JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd, log_softmax_bwd);
+JSOFTMAX_FORWARD(jsoftmax_softmax_fwd_columns, softmax_fwd_columns);
+JSOFTMAX_FORWARD(jsoftmax_log_softmax_fwd_columns, log_softmax_fwd_columns);
+JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd_columns, softmax_bwd_columns);
+JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_columns, log_softmax_bwd_columns);
