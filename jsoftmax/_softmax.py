@@ -120,6 +120,31 @@ def _differentiable_backward_bwd(
 _differentiable_backward.defvjp(_differentiable_backward_fwd, _differentiable_backward_bwd)
 
 
+def _forward(
+    name: str,
+    xla_formula: Any,
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: Axes,
+    axis_name: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """A custom VJP's forward rule: the output, saved as the one residual."""
+    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
+    xla = partial(xla_formula, where=where, axes=axes, axis_name=axis_name)
+    out = _kernel_or_xla(f"{name}_fwd", kernel_ok, axes, xla, x)
+    return out, out
+
+
+def _backward(
+    name: str, xla_formula: Any, axes: Axes, axis_name: Any, out: jax.Array, cotangent: jax.Array
+) -> tuple[jax.Array, None]:
+    """A custom VJP's backward rule from the saved output (no gradient for ``where``)."""
+    cotangent = cotangent.astype(out.dtype)
+    kernel_ok = _kernel.eligible(out, axes, axis_name)
+    xla = partial(xla_formula, axes, axis_name)
+    return _kernel_or_xla(f"{name}_bwd", kernel_ok, axes, xla, out, cotangent), None
+
+
 def _xla_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
     _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
     return (jnp.exp(shifted) / safe_sum).astype(x.dtype)
@@ -128,10 +153,7 @@ def _xla_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: A
 def _softmax_fwd(
     x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array]:
-    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
-    xla = partial(_xla_softmax, where=where, axes=axes, axis_name=axis_name)
-    probs = _kernel_or_xla("softmax_fwd", kernel_ok, axes, xla, x)
-    return probs, probs
+    return _forward("softmax", _xla_softmax, x, where, axes, axis_name)
 
 
 def _softmax_grad(axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array) -> jax.Array:
@@ -148,10 +170,7 @@ def _softmax_grad(axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.A
 def _softmax_bwd(
     axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
 ) -> tuple[jax.Array, None]:
-    cotangent = cotangent.astype(probs.dtype)
-    kernel_ok = _kernel.eligible(probs, axes, axis_name)
-    xla = partial(_softmax_grad, axes, axis_name)
-    return _kernel_or_xla("softmax_bwd", kernel_ok, axes, xla, probs, cotangent), None
+    return _backward("softmax", _softmax_grad, axes, axis_name, probs, cotangent)
 
 
 def _masked_softmax_bwd(
@@ -193,10 +212,7 @@ def _xla_log_softmax(
 def _log_softmax_fwd(
     x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
 ) -> tuple[jax.Array, jax.Array]:
-    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
-    xla = partial(_xla_log_softmax, where=where, axes=axes, axis_name=axis_name)
-    log_probs = _kernel_or_xla("log_softmax_fwd", kernel_ok, axes, xla, x)
-    return log_probs, log_probs
+    return _forward("log_softmax", _xla_log_softmax, x, where, axes, axis_name)
 
 
 def _log_softmax_grad(
@@ -213,10 +229,7 @@ def _log_softmax_grad(
 def _log_softmax_bwd(
     axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
 ) -> tuple[jax.Array, None]:
-    cotangent = cotangent.astype(log_probs.dtype)
-    kernel_ok = _kernel.eligible(log_probs, axes, axis_name)
-    xla = partial(_log_softmax_grad, axes, axis_name)
-    return _kernel_or_xla("log_softmax_bwd", kernel_ok, axes, xla, log_probs, cotangent), None
+    return _backward("log_softmax", _log_softmax_grad, axes, axis_name, log_probs, cotangent)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -386,91 +386,114 @@ void advise_huge_pages(void* data, size_t bytes) {
 }
 
 // Columns: the array viewed as [outer, n, inner], slices running along n at stride `inner`. One
-// unit of work is kLanes consecutive inner positions of one outer index, so every load is a
-// contiguous vector and each lane is one slice; the row rules are applied lane by lane, with the
-// same formula as the XLA path (shift by the maximum when finite, +inf slices to their limit, NaN
-// slices NaN, empty sums replaced by 1).
+// unit of work is up to kGroup lane blocks (kGroup * kLanes = 128 neighbouring slices) of one
+// outer index, so each step down the slices reads one contiguous stretch of a row; each lane is
+// one slice and the row rules are applied lane by lane, with the XLA path's formula (shift by the
+// maximum when finite, +inf slices to their limit, NaN slices NaN, empty sums replaced by 1).
+// Sums use four accumulators per lane (j % 4), for throughput and accuracy.
+constexpr int kGroup = 8;
+
 template <class S>
 inline vf column_load(const typename S::T* p, int64_t lanes, float pad) {
   return lanes == kLanes ? S::load(p) : load_part<S>(p, lanes, pad);
 }
 
-// Sum over j < n of term(j) for a column block: four interleaved accumulators per lane, for
-// throughput (the adds do not wait on each other) and accuracy (each sums a quarter of the slice).
-template <class F>
-inline vf column_sum(int64_t n, F&& term) {
-  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    a0 += term(j);
-    a1 += term(j + 1);
-    a2 += term(j + 2);
-    a3 += term(j + 3);
-  }
-  for (; j < n; ++j) a0 += term(j);
-  return (a0 + a1) + (a2 + a3);
-}
+struct ColumnGroup {
+  int64_t n, inner, width;  // slice length, stride, slices in this group (<= kGroup * kLanes)
+  int blocks() const { return int((width + kLanes - 1) / kLanes); }
+  int64_t lanes(int b) const { return std::min<int64_t>(kLanes, width - int64_t(b) * kLanes); }
+};
 
 template <class S, bool kLog>
-void forward_columns(const typename S::T* x, typename S::T* y, int64_t n, int64_t inner,
-                     int64_t lanes, float* scratch) {
-  vf m = splat(-kInf);
-  vi nan = vi{};
-  for (int64_t j = 0; j < n; ++j) {
-    const vf v = column_load<S>(x + j * inner, lanes, -kInf);
-    nan |= v != v;
-    m = v > m ? v : m;
+void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup& c) {
+  const int nb = c.blocks();
+  vf m[kGroup], shift[kGroup], sum[kGroup], acc[4][kGroup];
+  vi nan[kGroup], pos_inf[kGroup];
+  for (int b = 0; b < nb; ++b) {
+    m[b] = splat(-kInf);
+    nan[b] = vi{};
+    for (auto& a : acc) a[b] = vf{};
   }
-  const vi pos_inf = m == kInf;
-  const vf shift = (m == m) & (m != kInf) & (m != -kInf) ? m : splat(0.0f);
-  auto shifted = [&](vf v) {
-    return pos_inf ? ((v == kInf) ? splat(0.0f) : splat(-kInf)) : v - shift;
+  for (int64_t j = 0; j < c.n; ++j)
+    for (int b = 0; b < nb; ++b) {
+      const vf v = column_load<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf);
+      nan[b] |= v != v;
+      m[b] = v > m[b] ? v : m[b];
+    }
+  for (int b = 0; b < nb; ++b) {
+    pos_inf[b] = m[b] == kInf;
+    shift[b] = (m[b] == m[b]) & (m[b] != kInf) & (m[b] != -kInf) ? m[b] : splat(0.0f);
+  }
+  auto shifted = [&](vf v, int b) {
+    return pos_inf[b] ? ((v == kInf) ? splat(0.0f) : splat(-kInf)) : v - shift[b];
   };
-  vf sum = column_sum(n, [&](int64_t j) {
-    const vf e = vexp(shifted(column_load<S>(x + j * inner, lanes, -kInf)));
-    if constexpr (!kLog) std::memcpy(scratch + j * kLanes, &e, sizeof(e));
-    return e;
-  });
-  sum = sum == 0.0f ? splat(1.0f) : sum;
+  auto load = [&](int64_t j, int b) {
+    return shifted(column_load<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf), b);
+  };
+  for (int64_t j = 0; j < c.n; ++j)
+    for (int b = 0; b < nb; ++b) {
+      const vf e = vexp(load(j, b));
+      acc[j & 3][b] += e;
+    }
+  for (int b = 0; b < nb; ++b) {
+    sum[b] = (acc[0][b] + acc[1][b]) + (acc[2][b] + acc[3][b]);
+    sum[b] = sum[b] == 0.0f ? splat(1.0f) : sum[b];
+  }
   const vf nan_lanes = splat(kNaN);
   if constexpr (kLog) {
-    vf log_sum;
-    for (int i = 0; i < kLanes; ++i) log_sum[i] = std::log(sum[i]);
-    for (int64_t j = 0; j < n; ++j) {
-      const vf out = shifted(column_load<S>(x + j * inner, lanes, -kInf)) - log_sum;
-      store_block<S>(y + j * inner, nan ? nan_lanes : out, lanes);
-    }
+    vf log_sum[kGroup];
+    for (int b = 0; b < nb; ++b)
+      for (int i = 0; i < kLanes; ++i) log_sum[b][i] = std::log(sum[b][i]);
+    for (int64_t j = 0; j < c.n; ++j)
+      for (int b = 0; b < nb; ++b) {
+        const vf out = load(j, b) - log_sum[b];
+        store_block<S>(y + j * c.inner + b * kLanes, nan[b] ? nan_lanes : out, c.lanes(b));
+      }
   } else {
-    const vf inv = 1.0f / sum;
-    for (int64_t j = 0; j < n; ++j) {
-      vf e;
-      std::memcpy(&e, scratch + j * kLanes, sizeof(e));
-      store_block<S>(y + j * inner, nan ? nan_lanes : e * inv, lanes);
-    }
+    vf inv[kGroup];
+    for (int b = 0; b < nb; ++b) inv[b] = 1.0f / sum[b];
+    // The exponentials again rather than from a scratch copy: a group spans up to 128 slices,
+    // and the input plus a float32 copy of its exponentials would not stay in L2.
+    for (int64_t j = 0; j < c.n; ++j)
+      for (int b = 0; b < nb; ++b) {
+        const vf e = vexp(load(j, b));
+        store_block<S>(y + j * c.inner + b * kLanes, nan[b] ? nan_lanes : e * inv[b],
+                       c.lanes(b));
+      }
   }
 }
 
 template <class S, bool kLog>
 void backward_columns(const typename S::T* y, const typename S::T* g, typename S::T* dx,
-                      int64_t n, int64_t inner, int64_t lanes) {
-  const vf acc = column_sum(n, [&](int64_t j) {
-    const vf yv = column_load<S>(y + j * inner, lanes, kLog ? -kInf : 0.0f);
-    const vf gv = column_load<S>(g + j * inner, lanes, 0.0f);
-    if constexpr (kLog)
-      return (yv == -kInf) ? splat(0.0f) : gv;
-    else
-      return gv * yv;
-  });
-  for (int64_t j = 0; j < n; ++j) {
-    const vf yv = column_load<S>(y + j * inner, lanes, kLog ? -kInf : 0.0f);
-    const vf gv = column_load<S>(g + j * inner, lanes, 0.0f);
-    vf out;
-    if constexpr (kLog)
-      out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * acc;
-    else
-      out = yv * (gv - acc);
-    store_block<S>(dx + j * inner, out, lanes);
-  }
+                      const ColumnGroup& c) {
+  const int nb = c.blocks();
+  const float y_pad = kLog ? -kInf : 0.0f;
+  vf acc[4][kGroup], total[kGroup];
+  for (int b = 0; b < nb; ++b)
+    for (auto& a : acc) a[b] = vf{};
+  for (int64_t j = 0; j < c.n; ++j)
+    for (int b = 0; b < nb; ++b) {
+      const int64_t at = j * c.inner + b * kLanes;
+      const vf yv = column_load<S>(y + at, c.lanes(b), y_pad);
+      const vf gv = column_load<S>(g + at, c.lanes(b), 0.0f);
+      if constexpr (kLog)
+        acc[j & 3][b] += (yv == -kInf) ? splat(0.0f) : gv;
+      else
+        acc[j & 3][b] += gv * yv;
+    }
+  for (int b = 0; b < nb; ++b) total[b] = (acc[0][b] + acc[1][b]) + (acc[2][b] + acc[3][b]);
+  for (int64_t j = 0; j < c.n; ++j)
+    for (int b = 0; b < nb; ++b) {
+      const int64_t at = j * c.inner + b * kLanes;
+      const vf yv = column_load<S>(y + at, c.lanes(b), y_pad);
+      const vf gv = column_load<S>(g + at, c.lanes(b), 0.0f);
+      vf out;
+      if constexpr (kLog)
+        out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * total[b];
+      else
+        out = yv * (gv - total[b]);
+      store_block<S>(dx + at, out, c.lanes(b));
+    }
 }
 
 // The slice layout of an operand: rows of `n` (columns = false: the reduced axes are trailing), or
@@ -479,7 +502,16 @@ struct Layout {
   int64_t units = 0;  // independent pieces of work
   int64_t n = 0;      // slice length
   int64_t inner = 1;  // stride between a slice's entries
-  int64_t blocks = 1; // lane blocks per outer index (columns)
+  int64_t groups = 1;  // column groups per outer index
+  int64_t unit_size = 0;  // entries per unit, for the thread split
+
+  // The column group of unit u: its offset in the array and its shape.
+  ColumnGroup group(int64_t u, int64_t* offset) const {
+    constexpr int64_t kWidth = kGroup * kLanes;
+    const int64_t outer = u / groups, first = (u % groups) * kWidth;
+    *offset = outer * n * inner + first;
+    return ColumnGroup{n, inner, std::min<int64_t>(kWidth, inner - first)};
+  }
 };
 
 Layout layout_of(const ffi::AnyBuffer& b, bool columns) {
@@ -490,10 +522,11 @@ Layout layout_of(const ffi::AnyBuffer& b, bool columns) {
   if (columns) {
     l.inner = l.n;
     l.n = rank >= 2 ? dims[rank - 2] : 1;
-    l.blocks = (l.inner + kLanes - 1) / kLanes;
+    l.groups = (l.inner + kGroup * kLanes - 1) / (kGroup * kLanes);
   }
   const int64_t slices = l.n * l.inner == 0 ? 0 : int64_t(b.element_count()) / (l.n * l.inner);
-  l.units = slices * l.blocks;
+  l.units = slices * l.groups;
+  l.unit_size = l.n * std::min<int64_t>(l.inner, kGroup * kLanes);
   return l;
 }
 
@@ -524,14 +557,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
     const T* xp = reinterpret_cast<const T*>(x.untyped_data());
     T* yp = reinterpret_cast<T*>(y->untyped_data());
     advise_huge_pages(yp, y->size_bytes());
-    parallel_rows(pool, l.units, l.n * (kColumns ? kLanes : 1), [&](int64_t u0, int64_t u1) {
+    parallel_rows(pool, l.units, l.unit_size, [&](int64_t u0, int64_t u1) {
       if constexpr (kColumns) {
-        std::vector<float> scratch(kLog ? 0 : l.n * kLanes);
         for (int64_t u = u0; u < u1; ++u) {
-          const int64_t outer = u / l.blocks, first = (u % l.blocks) * kLanes;
-          const int64_t offset = outer * l.n * l.inner + first;
-          forward_columns<S, kLog>(xp + offset, yp + offset, l.n, l.inner,
-                                   std::min<int64_t>(kLanes, l.inner - first), scratch.data());
+          int64_t offset;
+          const ColumnGroup c = l.group(u, &offset);
+          forward_columns<S, kLog>(xp + offset, yp + offset, c);
         }
       } else {
         std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : l.n);
@@ -556,13 +587,12 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
     const T* gp = reinterpret_cast<const T*>(g.untyped_data());
     T* dp = reinterpret_cast<T*>(dx->untyped_data());
     advise_huge_pages(dp, dx->size_bytes());
-    parallel_rows(pool, l.units, l.n * (kColumns ? kLanes : 1), [&](int64_t u0, int64_t u1) {
+    parallel_rows(pool, l.units, l.unit_size, [&](int64_t u0, int64_t u1) {
       for (int64_t u = u0; u < u1; ++u) {
         if constexpr (kColumns) {
-          const int64_t outer = u / l.blocks, first = (u % l.blocks) * kLanes;
-          const int64_t offset = outer * l.n * l.inner + first;
-          backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, l.n, l.inner,
-                                    std::min<int64_t>(kLanes, l.inner - first));
+          int64_t offset;
+          const ColumnGroup c = l.group(u, &offset);
+          backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, c);
         } else {
           backward_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n);
         }
