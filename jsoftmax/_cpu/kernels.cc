@@ -257,7 +257,8 @@ void pos_inf_row(const typename S::T* x, typename S::T* y, int64_t n, bool log) 
 }
 
 template <class S, bool kLog>
-void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scratch) {
+void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scratch,
+                 const typename S::T* next) {
   float m = 0.0f;
   switch (scan_row<S>(x, n, &m)) {
     case RowKind::kNaN:
@@ -270,8 +271,16 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
       break;
   }
   vf acc = vf{};
+  // While this row is computed from cache, the next one is fetched from memory: one prefetch per
+  // block of the exp pass covers the next row's cache lines.
+  auto prefetch_next = [&](int64_t i) {
+    if (next != nullptr) __builtin_prefetch(next + i);
+  };
   if constexpr (kLog) {
-    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t, int64_t) { acc += vexp(v - m); });
+    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t) {
+      prefetch_next(i);
+      acc += vexp(v - m);
+    });
     const float log_sum = std::log(hsum(acc));
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, (v - m) - log_sum, count);
@@ -280,6 +289,7 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
     float* e = std::is_same_v<typename S::T, float> ? reinterpret_cast<float*>(y) : scratch;
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+      prefetch_next(i);
       const vf ev = vexp(v - m);
       acc += ev;
       store_block<F32>(e + i, ev, count);
@@ -292,38 +302,36 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
 }
 
 template <class S, bool kLog>
-void backward_row(const typename S::T* y, const typename S::T* g, typename S::T* dx, int64_t n) {
+void backward_row(const typename S::T* y, const typename S::T* g, typename S::T* dx, int64_t n,
+                  const typename S::T* next_y, const typename S::T* next_g) {
+  using T = typename S::T;
+  const float y_pad = kLog ? -kInf : 0.0f;
+  auto load = [](const T* p, int64_t count, float pad) {
+    return count == kLanes ? S::load(p) : load_part<S>(p, count, pad);
+  };
   vf acc = vf{};
-  int64_t i = 0;
-  if constexpr (kLog) {
-    for (; i < n; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, n - i);
-      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, -kInf);
-      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    const int64_t count = std::min<int64_t>(kLanes, n - i);
+    const vf yv = load(y + i, count, y_pad), gv = load(g + i, count, 0.0f);
+    if constexpr (kLog)
       acc += (yv == -kInf) ? splat(0.0f) : gv;
-    }
-    const float total = hsum(acc);
-    for (i = 0; i < n; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, n - i);
-      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, -kInf);
-      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
-      const vf guarded = (yv == -kInf) ? splat(0.0f) : gv;
-      store_block<S>(dx + i, guarded - vexp(yv) * total, count);
-    }
-  } else {
-    for (; i < n; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, n - i);
-      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, 0.0f);
-      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
+    else
       acc += gv * yv;
+  }
+  const float total = hsum(acc);
+  for (int64_t i = 0; i < n; i += kLanes) {
+    if (next_y != nullptr) {  // the next row, from memory, while this one comes from cache
+      __builtin_prefetch(next_y + i);
+      __builtin_prefetch(next_g + i);
     }
-    const float dot = hsum(acc);
-    for (i = 0; i < n; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, n - i);
-      const vf yv = count == kLanes ? S::load(y + i) : load_part<S>(y + i, count, 0.0f);
-      const vf gv = count == kLanes ? S::load(g + i) : load_part<S>(g + i, count, 0.0f);
-      store_block<S>(dx + i, yv * (gv - dot), count);
-    }
+    const int64_t count = std::min<int64_t>(kLanes, n - i);
+    const vf yv = load(y + i, count, y_pad), gv = load(g + i, count, 0.0f);
+    vf out;
+    if constexpr (kLog)
+      out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * total;
+    else
+      out = yv * (gv - total);
+    store_block<S>(dx + i, out, count);
   }
 }
 
@@ -567,7 +575,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
       } else {
         std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : l.n);
         for (int64_t r = u0; r < u1; ++r)
-          forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, scratch.data());
+          forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, scratch.data(),
+                               r + 1 < u1 ? xp + (r + 1) * l.n : nullptr);
       }
     });
   });
@@ -594,7 +603,10 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
           const ColumnGroup c = l.group(u, &offset);
           backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, c);
         } else {
-          backward_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n);
+          const bool more = u + 1 < u1;
+          backward_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n,
+                                more ? yp + (u + 1) * l.n : nullptr,
+                                more ? gp + (u + 1) * l.n : nullptr);
         }
       }
     });
