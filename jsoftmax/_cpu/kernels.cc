@@ -214,6 +214,19 @@ inline void store_block(typename S::T* p, vf v, int64_t count) {
     store_part<S>(p, v, count);
 }
 
+// Four vector accumulators used in turn: a row's sum is split 64 ways (16 lanes x 4), so each
+// partial sum adds n / 64 terms in sequence (its rounding error grows with that count), and
+// consecutive adds do not wait on each other.
+struct Accumulator {
+  vf part[4] = {vf{}, vf{}, vf{}, vf{}};
+  unsigned next = 0;
+  void add(vf v) {
+    part[next] += v;
+    next = (next + 1) & 3u;
+  }
+  float total() const { return hsum((part[0] + part[1]) + (part[2] + part[3])); }
+};
+
 enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
 
 // Pass 1: the row maximum and which rule applies.
@@ -270,7 +283,7 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     case RowKind::kNormal:
       break;
   }
-  vf acc = vf{};
+  Accumulator acc;
   // While this row is computed from cache, the next one is fetched from memory: one prefetch per
   // block of the exp pass covers the next row's cache lines.
   auto prefetch_next = [&](int64_t i) {
@@ -279,9 +292,9 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
   if constexpr (kLog) {
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t) {
       prefetch_next(i);
-      acc += vexp(v - m);
+      acc.add(vexp(v - m));
     });
-    const float log_sum = std::log(hsum(acc));
+    const float log_sum = std::log(acc.total());
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, (v - m) - log_sum, count);
     });
@@ -291,10 +304,10 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       prefetch_next(i);
       const vf ev = vexp(v - m);
-      acc += ev;
+      acc.add(ev);
       store_block<F32>(e + i, ev, count);
     });
-    const float inv = 1.0f / hsum(acc);
+    const float inv = 1.0f / acc.total();
     for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, v * inv, count);
     });
@@ -309,16 +322,16 @@ void backward_row(const typename S::T* y, const typename S::T* g, typename S::T*
   auto load = [](const T* p, int64_t count, float pad) {
     return count == kLanes ? S::load(p) : load_part<S>(p, count, pad);
   };
-  vf acc = vf{};
+  Accumulator acc;
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t count = std::min<int64_t>(kLanes, n - i);
     const vf yv = load(y + i, count, y_pad), gv = load(g + i, count, 0.0f);
     if constexpr (kLog)
-      acc += (yv == -kInf) ? splat(0.0f) : gv;
+      acc.add((yv == -kInf) ? splat(0.0f) : gv);
     else
-      acc += gv * yv;
+      acc.add(gv * yv);
   }
-  const float total = hsum(acc);
+  const float total = acc.total();
   for (int64_t i = 0; i < n; i += kLanes) {
     if (next_y != nullptr) {  // the next row, from memory, while this one comes from cache
       __builtin_prefetch(next_y + i);
