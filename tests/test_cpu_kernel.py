@@ -251,20 +251,28 @@ SHAPES_AND_AXES = [
 ]
 
 
-@pytest.mark.parametrize("name", sorted(FUNCTIONS))
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-@pytest.mark.parametrize(("shape", "axis"), SHAPES_AND_AXES)
-def test_kernel_matches_xla_path(monkeypatch, name, dtype, shape, axis):
-    x = _logits(shape, dtype, seed=1)
-    g = _logits(shape, dtype, seed=2, scale=1.0)
+def _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed, columns=False):
+    """Forward and VJP with the kernels (row or column targets) equal the XLA path's."""
+    x = _logits(shape, dtype, seed=seed)
+    g = _logits(shape, dtype, seed=seed + 1, scale=1.0)
     y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
     y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
-    _assert_switched(name, hlo_on, hlo_off)
+    suffix = "_columns" if columns else ""
+    expected = {f"jsoftmax_{name}_fwd{suffix}", f"jsoftmax_{name}_bwd{suffix}"}
+    assert _targets(hlo_on) == expected, f"mode on lowered {_targets(hlo_on)}, not {expected}"
+    assert not _targets(hlo_off), f"mode off still lowered {_targets(hlo_off)}"
     assert y_on.dtype == y_off.dtype == x.dtype and y_on.shape == shape
     assert dx_on.dtype == dx_off.dtype == x.dtype and dx_on.shape == shape
     _assert_close(y_on, y_off, _forward_bound(name, y_off, axis), dtype, f"{name} forward")
     bwd_bound = _backward_bound(name, y_off, g, axis, dtype)
     _assert_close(dx_on, dx_off, bwd_bound, dtype, f"{name} vjp")
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AND_AXES)
+def test_kernel_matches_xla_path(monkeypatch, name, dtype, shape, axis):
+    _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed=1)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -334,16 +342,7 @@ COLUMN_SHAPES_AND_AXES = [
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize(("shape", "axis"), COLUMN_SHAPES_AND_AXES)
 def test_column_kernel_matches_xla_path(monkeypatch, name, dtype, shape, axis):
-    x = _logits(shape, dtype, seed=31)
-    g = _logits(shape, dtype, seed=32, scale=1.0)
-    y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
-    y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
-    expected = {f"jsoftmax_{name}_fwd_columns", f"jsoftmax_{name}_bwd_columns"}
-    assert _targets(hlo_on) == expected, _targets(hlo_on)
-    assert not _targets(hlo_off)
-    _assert_close(y_on, y_off, _forward_bound(name, y_off, axis), dtype, f"{name} forward")
-    bwd_bound = _backward_bound(name, y_off, g, axis, dtype)
-    _assert_close(dx_on, dx_off, bwd_bound, dtype, f"{name} vjp")
+    _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed=31, columns=True)
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
