@@ -206,6 +206,12 @@ inline void for_blocks(const typename S::T* p, int64_t n, float pad, F&& body) {
   if (i < n) body(load_part<S>(p + i, n - i, pad), i, n - i);
 }
 
+// A block of `count` <= kLanes entries: full vector loads and stores, or padded / prefix ones.
+template <class S>
+inline vf load_block(const typename S::T* p, int64_t count, float pad) {
+  return count == kLanes ? S::load(p) : load_part<S>(p, count, pad);
+}
+
 template <class S>
 inline void store_block(typename S::T* p, vf v, int64_t count) {
   if (count == kLanes)
@@ -317,15 +323,12 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
 template <class S, bool kLog>
 void backward_row(const typename S::T* y, const typename S::T* g, typename S::T* dx, int64_t n,
                   const typename S::T* next_y, const typename S::T* next_g) {
-  using T = typename S::T;
   const float y_pad = kLog ? -kInf : 0.0f;
-  auto load = [](const T* p, int64_t count, float pad) {
-    return count == kLanes ? S::load(p) : load_part<S>(p, count, pad);
-  };
   Accumulator acc;
   for (int64_t i = 0; i < n; i += kLanes) {
     const int64_t count = std::min<int64_t>(kLanes, n - i);
-    const vf yv = load(y + i, count, y_pad), gv = load(g + i, count, 0.0f);
+    const vf yv = load_block<S>(y + i, count, y_pad);
+    const vf gv = load_block<S>(g + i, count, 0.0f);
     if constexpr (kLog)
       acc.add((yv == -kInf) ? splat(0.0f) : gv);
     else
@@ -338,7 +341,8 @@ void backward_row(const typename S::T* y, const typename S::T* g, typename S::T*
       __builtin_prefetch(next_g + i);
     }
     const int64_t count = std::min<int64_t>(kLanes, n - i);
-    const vf yv = load(y + i, count, y_pad), gv = load(g + i, count, 0.0f);
+    const vf yv = load_block<S>(y + i, count, y_pad);
+    const vf gv = load_block<S>(g + i, count, 0.0f);
     vf out;
     if constexpr (kLog)
       out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * total;
@@ -414,11 +418,6 @@ void advise_huge_pages(void* data, size_t bytes) {
 // Sums use four accumulators per lane (j % 4), for throughput and accuracy.
 constexpr int kGroup = 8;
 
-template <class S>
-inline vf column_load(const typename S::T* p, int64_t lanes, float pad) {
-  return lanes == kLanes ? S::load(p) : load_part<S>(p, lanes, pad);
-}
-
 struct ColumnGroup {
   int64_t n, inner, width;  // slice length, stride, slices in this group (<= kGroup * kLanes)
   int blocks() const { return int((width + kLanes - 1) / kLanes); }
@@ -437,7 +436,7 @@ void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup
   }
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
-      const vf v = column_load<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf);
+      const vf v = load_block<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf);
       nan[b] |= v != v;
       m[b] = v > m[b] ? v : m[b];
     }
@@ -449,7 +448,7 @@ void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup
     return pos_inf[b] ? ((v == kInf) ? splat(0.0f) : splat(-kInf)) : v - shift[b];
   };
   auto load = [&](int64_t j, int b) {
-    return shifted(column_load<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf), b);
+    return shifted(load_block<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf), b);
   };
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
@@ -495,8 +494,8 @@ void backward_columns(const typename S::T* y, const typename S::T* g, typename S
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
       const int64_t at = j * c.inner + b * kLanes;
-      const vf yv = column_load<S>(y + at, c.lanes(b), y_pad);
-      const vf gv = column_load<S>(g + at, c.lanes(b), 0.0f);
+      const vf yv = load_block<S>(y + at, c.lanes(b), y_pad);
+      const vf gv = load_block<S>(g + at, c.lanes(b), 0.0f);
       if constexpr (kLog)
         acc[j & 3][b] += (yv == -kInf) ? splat(0.0f) : gv;
       else
@@ -506,8 +505,8 @@ void backward_columns(const typename S::T* y, const typename S::T* g, typename S
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
       const int64_t at = j * c.inner + b * kLanes;
-      const vf yv = column_load<S>(y + at, c.lanes(b), y_pad);
-      const vf gv = column_load<S>(g + at, c.lanes(b), 0.0f);
+      const vf yv = load_block<S>(y + at, c.lanes(b), y_pad);
+      const vf gv = load_block<S>(g + at, c.lanes(b), 0.0f);
       vf out;
       if constexpr (kLog)
         out = ((yv == -kInf) ? splat(0.0f) : gv) - vexp(yv) * total[b];
