@@ -109,7 +109,7 @@ def git_revision() -> str | None:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "jsoftmax", "interop")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "jsoftmax")
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + ("-dirty" if dirty else "")

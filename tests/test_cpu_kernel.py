@@ -849,9 +849,8 @@ def test_cpu_kernel_info_in_this_process():
 @pytest.mark.parametrize("log", [False, True])
 def test_torch_interop_modes_agree(monkeypatch, log):
     torch = pytest.importorskip("torch")
-    from jsoftmax.interop import _ops
-
     from jsoftmax import interop
+    from jsoftmax.interop import _ops
 
     fn = interop.log_softmax if log else interop.softmax
     name = "log_softmax" if log else "softmax"

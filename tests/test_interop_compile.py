@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from jsoftmax.interop import _cross_entropy, _ops
 
 from jsoftmax import interop
+from jsoftmax.interop import _cross_entropy, _ops
 
 # Raised inside torch when inductor loads, not by this project.
 pytestmark = pytest.mark.filterwarnings(

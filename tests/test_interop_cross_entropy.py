@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import ref_cross_entropy, tolerance
-from jsoftmax.interop import _cross_entropy
 
 from jsoftmax import interop
+from jsoftmax.interop import _cross_entropy
 
 NUM_CLASSES = 5
 # name: (input shape, whether the target is class probabilities)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from _helpers import enable_x64, raw_bytes, torch_dtype_sample
-from jsoftmax.interop import _convert
 
 from jsoftmax import interop
+from jsoftmax.interop import _convert
 
 # Every dtype the two libraries share; the 64-bit ones run with JAX's x64 on.
 SHARED_DTYPES = [

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from _helpers import ref_log_softmax, tolerance
-from jsoftmax.interop import _convert, _ops
 
 from jsoftmax import interop
+from jsoftmax.interop import _convert, _ops
 
 FUNCTIONS = {
     "softmax": (interop.softmax, torch.softmax),

@@ -7,20 +7,6 @@ autograd and under ``torch.compile``; ``cross_entropy`` / ``CrossEntropyLoss`` d
 ``jsoftmax.cross_entropy`` with torch's conventions.
 """
 
-import sys
-
-if __name__ != "jsoftmax.interop":
-    # Imported from a source checkout under another name (pytest collecting this folder's
-    # doctests imports it as top-level "interop"). Executing the modules a second time would
-    # register the torch custom ops again, and torch replaces a registration rather than
-    # sharing it; alias the installed package's modules instead.
-    import importlib
-
-    importlib.import_module("jsoftmax.interop")
-    for _name, _module in list(sys.modules.items()):
-        if _name.startswith("jsoftmax.interop."):
-            sys.modules[__name__ + _name.removeprefix("jsoftmax.interop")] = _module
-
 from ._convert import from_torch as from_torch
 from ._convert import to_torch as to_torch
 from ._convert import to_torch_shards as to_torch_shards
