@@ -33,7 +33,7 @@ import jsoftmax
 # The custom VJP's backward rules: the torch backward pass runs exactly these, on the saved
 # output, instead of re-running the forward pass under jax.vjp.
 from jsoftmax._kernel import mode as kernel_mode
-from jsoftmax._softmax import _log_softmax_bwd, _softmax_bwd
+from jsoftmax._primitives import vjp_from_output
 
 from ._convert import check_tensor, export_array, import_tensor, x64_scope
 
@@ -104,10 +104,6 @@ def import_compact(tensor: torch.Tensor, fname: str, argname: str) -> jax.Array:
 # the JAX side (jitted once per shape, dtype, dim and layout)
 
 
-def _backward_rule(log: bool) -> Any:
-    return _log_softmax_bwd if log else _softmax_bwd
-
-
 @partial(jax.jit, static_argnames=("shape", "axis", "log", "kernel_mode"))
 def _jax_forward(
     x: jax.Array, shape: tuple[int, ...], axis: int, log: bool, kernel_mode: str
@@ -122,10 +118,7 @@ def _jax_forward(
 def _jax_backward(
     grad_output: jax.Array, output: jax.Array, axis: int, log: bool, kernel_mode: str
 ) -> jax.Array:
-    grad_input, _ = _backward_rule(log)(
-        (axis,), None, output, jnp.broadcast_to(grad_output, output.shape)
-    )
-    return grad_input
+    return vjp_from_output(output, jnp.broadcast_to(grad_output, output.shape), (axis,), log=log)
 
 
 @partial(jax.jit, static_argnames=("axis", "log", "kernel_mode"))
@@ -138,7 +131,7 @@ def _jax_double_backward(
     kernel_mode: str,
 ) -> tuple[jax.Array, jax.Array]:
     def backward(out: jax.Array, grad: jax.Array) -> jax.Array:
-        return _backward_rule(log)((axis,), None, out, grad)[0]
+        return vjp_from_output(out, grad, (axis,), log=log)
 
     _, pullback = jax.vjp(backward, output, jnp.broadcast_to(grad_output, output.shape))
     grad_of_output, grad_of_grad_output = pullback(jnp.broadcast_to(grad_grad_input, output.shape))
