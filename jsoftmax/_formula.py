@@ -7,17 +7,18 @@ kernel applies, and their differentiation rules are built from the tangent maps 
 The forward formulas contain no ``select`` on the row maximum or the row sum: XLA's GPU softmax
 fusion (and the TPU fusions) only fuse a reduce -> broadcast -> elementwise chain whose row values
 pass through unary ops or ops with a constant operand, so one select there splits the computation
-into several kernels. The rules are obtained arithmetically instead:
+into several kernels. The rules are obtained from the reductions' initial values and one
+elementwise select on the input instead:
 
-* The row maximum is reduced with ``min(max(a, b), finfo.max)`` from ``finfo.min``: it is always
-  finite (or NaN), so ``x - shift`` never computes ``inf - inf``. A fully masked slice gets the
-  shift ``finfo.min`` and stays -inf; a slice holding +inf gets ``finfo.max``.
-* ``exp(min(x - shift, 0))``: a +inf entry contributes exactly 1, so the k +inf entries of a slice
-  share the mass (1/k each) and every finite entry gets ``exp(-huge) = 0``.
+* The row maximum is reduced from ``finfo.min``: a fully masked slice gets the shift
+  ``finfo.min`` and ``-inf - finfo.min`` stays -inf (never ``-inf - -inf = NaN``).
+* ``where(x == +inf, 0, x - shift)``: in a slice holding +inf the shift is +inf, so the +inf
+  entries contribute ``exp(0) = 1`` each and share the mass (1/k each), and every finite entry
+  gets ``x - inf = -inf``, probability 0.
 * The sum is reduced from ``finfo.tiny``: a fully masked slice sums to a positive number and gives
   0 / tiny = 0 (log_softmax: -inf - log(tiny) = -inf), never 0 / 0. Every other slice sums to at
   least 1, which absorbs tiny.
-* NaN propagates through max, min, sum and exp, so a NaN slice is NaN and only that slice.
+* NaN propagates through max, sum and exp, so a NaN slice is NaN and only that slice.
 
 Everything is computed in float32 for sub-32-bit inputs and rounded once.
 """
@@ -48,21 +49,19 @@ def global_sum(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return local if axis_name is None else lax.psum(local, axis_name)
 
 
-def _shift(x: jax.Array, axes: Axes, axis_name: Any, dtype: Any) -> jax.Array:
-    """The slice maximum clamped into ``dtype``'s finite range (kept axes), in the compute dtype.
+def _shifted(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+    """(shift, x - shift): the slice maximum (kept axes) and ``x`` minus it, in the compute
+    dtype, with the rules above.
 
-    The maximum is exact in any dtype, so it is usually taken in the input dtype (on TPU an upcast
-    before the reduction costs a kernel of its own).
+    The maximum is exact in any dtype, so it is taken in the input dtype (on TPU an upcast before
+    the reduction costs a kernel of its own).
     """
-    info = jnp.finfo(dtype)
-
-    def clamped_max(a: jax.Array, b: jax.Array) -> jax.Array:
-        return jnp.minimum(jnp.maximum(a, b), info.max)
-
-    shift = _keep(lax.reduce(x.astype(dtype), info.min, clamped_max, axes), axes)
+    shift = _keep(lax.reduce(x, jnp.finfo(x.dtype).min, lax.max, axes), axes)
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
-    return shift.astype(compute_dtype(x.dtype))
+    wide = x.astype(compute_dtype(x.dtype))
+    shift = shift.astype(wide.dtype)
+    return shift, jnp.where(wide == jnp.inf, 0, wide - shift)
 
 
 def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
@@ -72,31 +71,23 @@ def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
 
 def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
     """softmax (``log=False``) or log_softmax of ``x`` over ``axes``; masked entries are -inf."""
-    compute = compute_dtype(x.dtype)
-    # log_softmax must tell a +inf slice's finite entries apart (they become -inf), which needs
-    # the shift at finfo.max of a range wider than theirs: float16 / float8 reduce in float32.
-    narrow = jnp.finfo(x.dtype).maxexp < jnp.finfo(compute).maxexp
-    shift_dtype = compute if log and narrow else x.dtype
-    shifted = jnp.minimum(x.astype(compute) - _shift(x, axes, axis_name, shift_dtype), 0)
-    total = _keep(lax.reduce(jnp.exp(shifted), jnp.finfo(compute).tiny, lax.add, axes), axes)
+    _, shifted = _shifted(x, axes, axis_name)
+    tiny = jnp.finfo(shifted.dtype).tiny
+    total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
     if axis_name is not None:
         total = lax.psum(total, axis_name)
-    if not log:
-        return (jnp.exp(shifted) / total).astype(x.dtype)
-    # Finite entries of a slice holding +inf sit at about -finfo.max after the shift: -inf, as
-    # their probability is 0. (An entry within an ulp of finfo.max there keeps a huge finite value.)
-    shifted = jnp.where(shifted <= -jnp.finfo(shift_dtype).max, -jnp.inf, shifted)
-    # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
-    # x - (m + log(sum)) loses at large |x|.
-    return (shifted - jnp.log(total)).astype(x.dtype)
+    if log:
+        # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
+        # x - (m + log(sum)) loses at large |x|.
+        return (shifted - jnp.log(total)).astype(x.dtype)
+    return (jnp.exp(shifted) / total).astype(x.dtype)
 
 
 def logsumexp(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     """log(sum(exp(x))) over ``axes`` (kept): -inf for an empty or fully masked slice, +inf with
-    any +inf entry (``exp(+inf - finfo.max) = inf``), NaN with any NaN."""
-    compute = compute_dtype(x.dtype)
-    shift = _shift(x, axes, axis_name, x.dtype)
-    total = global_sum(jnp.exp(x.astype(compute) - shift), axes, axis_name)
+    any +inf entry, NaN with any NaN."""
+    shift, shifted = _shifted(x, axes, axis_name)
+    total = global_sum(jnp.exp(shifted), axes, axis_name)
     return (shift + jnp.log(total)).astype(x.dtype)
 
 

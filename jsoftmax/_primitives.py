@@ -77,16 +77,27 @@ tangent_p.def_abstract_eval(lambda y, t, **_: y)
 
 
 def _logsumexp_abstract(x: Any, *where: Any, axes, axis_name) -> Any:
-    del where, axis_name
-    shape = tuple(1 if i in axes else n for i, n in enumerate(x.shape))
+    del where
+    changes: dict[str, Any] = {"shape": tuple(1 if i in axes else n for i, n in enumerate(x.shape))}
+    if axis_name is not None:
+        # Reduced across axis_name: the same value on every device of those mesh axes, which
+        # shard_map's replication check reads from the aval's varying mesh axes (``aval.mat``
+        # in jax 0.10, as psum's own abstract evaluation sets it; ``vma`` in older versions).
+        names = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+        mat = getattr(x, "mat", None)
+        if mat is not None and hasattr(mat, "varying"):
+            varying = frozenset(a for a in mat.varying if a not in names)
+            changes["manual_axis_type"] = mat.update(varying=varying)
+        elif getattr(x, "vma", None) is not None:
+            changes["vma"] = frozenset(x.vma) - names
     sharding: Any = getattr(x, "sharding", None)
     spec = getattr(sharding, "spec", None)
-    if sharding is None or spec is None:
-        return x.update(shape=shape)
-    # A reduced axis of size 1 cannot stay sharded.
-    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
-    kept = type(spec)(*(None if i in axes else entry for i, entry in enumerate(entries)))
-    return x.update(shape=shape, sharding=sharding.update(spec=kept))
+    if sharding is not None and spec is not None:
+        # A reduced axis of size 1 cannot stay sharded.
+        entries = tuple(spec) + (None,) * (len(x.shape) - len(spec))
+        kept = type(spec)(*(None if i in axes else entry for i, entry in enumerate(entries)))
+        changes["sharding"] = sharding.update(spec=kept)
+    return x.update(**changes)
 
 
 logsumexp_p.def_abstract_eval(_logsumexp_abstract)
