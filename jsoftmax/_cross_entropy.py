@@ -136,6 +136,28 @@ def _label_logit(
 
 
 # --------------------------------------------------------------------------------------------
+# the derivative rule shared by both cores
+#
+# Each core is a ``jax.custom_jvp`` whose tangent is ``sum_c G_c * t_c`` per row, with ``G`` the
+# gradient of the row's loss rebuilt in one elementwise pass from the logits and two per-row
+# values (``_labels_bwd`` / ``_probs_bwd``). The tangent is linear in ``t``, so reverse mode is
+# its transpose, ``g * G``; it is rematerialised (``jax.checkpoint``), so reverse mode saves the
+# inputs and the two per-row values, never a logits-sized array of its own. Forward mode
+# (``jvp``, ``jacfwd``) and higher orders differentiate the same plain-JAX formulas.
+
+
+def _contract(gradient: jax.Array, tangent: jax.Array, axis: int, axis_name: Any) -> jax.Array:
+    """Per row: ``sum_c gradient_c * tangent_c`` across the (possibly sharded) class axis."""
+    compute = compute_dtype(gradient.dtype)
+    product = gradient.astype(compute) * tangent.astype(compute)
+    return jnp.squeeze(global_sum(product, (axis,), axis_name), axis)
+
+
+def _rematerialized(linear: Any) -> Any:
+    return jax.checkpoint(linear, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+# --------------------------------------------------------------------------------------------
 # integer labels
 
 
@@ -242,7 +264,7 @@ def _labels_bwd(
     return grad.astype(logits.dtype), None, None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
 def _labels_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -255,7 +277,24 @@ def _labels_loss(
     return _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)[0]
 
 
-_labels_loss.defvjp(_labels_fwd, _labels_bwd)
+@_labels_loss.defjvp
+def _labels_loss_jvp(
+    axis: int,
+    axis_name: Any,
+    ignore_index: int,
+    smoothing: float,
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+) -> tuple[jax.Array, jax.Array]:
+    logits, labels, weight = primals
+    loss, residuals = _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)
+
+    def linear(residuals: tuple[Any, ...], logits_tangent: jax.Array) -> jax.Array:
+        ones = jnp.ones(loss.shape, loss.dtype)
+        gradient = _labels_bwd(axis, axis_name, ignore_index, smoothing, residuals, ones)[0]
+        return _contract(gradient, logits_tangent, axis, axis_name)
+
+    return loss, _rematerialized(linear)(residuals, tangents[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +371,7 @@ def _probs_bwd(
     return logits_grad.astype(logits.dtype), targets_grad.astype(targets.dtype), None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def _probs_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -344,7 +383,28 @@ def _probs_loss(
     return _probs_fwd(logits, targets, weight, axis, axis_name, smoothing)[0]
 
 
-_probs_loss.defvjp(_probs_fwd, _probs_bwd)
+def _probs_loss_jvp(
+    axis: int, axis_name: Any, smoothing: float, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    logits, targets, weight = primals
+    loss, residuals = _probs_fwd(logits, targets, weight, axis, axis_name, smoothing)
+    # Symbolic zeros: a target without a tangent adds nothing (and saves nothing).
+    live = [not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents[:2]]
+
+    def linear(residuals: tuple[Any, ...], *live_tangents: jax.Array) -> jax.Array:
+        ones = jnp.ones(loss.shape, loss.dtype)
+        gradients = _probs_bwd(axis, axis_name, smoothing, residuals, ones)[:2]
+        chosen = [g for g, keep in zip(gradients, live, strict=True) if keep]
+        terms = [
+            _contract(g, t, axis, axis_name) for g, t in zip(chosen, live_tangents, strict=True)
+        ]
+        return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(loss)
+
+    live_tangents = [t for t, keep in zip(tangents[:2], live, strict=True) if keep]
+    return loss, _rematerialized(linear)(residuals, *live_tangents)
+
+
+_probs_loss.defjvp(_probs_loss_jvp, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------------

@@ -244,10 +244,17 @@ def _operands(x: jax.Array, where: jax.Array | None) -> tuple[jax.Array, ...]:
 
 
 def normalize(
-    x: jax.Array, where: jax.Array | None, axes: _formula.Axes, axis_name: Any, *, log: bool
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: _formula.Axes,
+    axis_name: Any,
+    *,
+    log: bool,
+    kernels: bool = True,
 ) -> jax.Array:
-    """softmax / log_softmax; the CPU kernels where ``_kernel.eligible`` allows them."""
-    kernel = bool(_kernel.eligible(x, axes, axis_name))
+    """softmax / log_softmax; the CPU kernels where ``_kernel.eligible`` allows them, unless
+    ``kernels`` is False (a caller whose surrounding XLA code fuses better without them)."""
+    kernel = kernels and bool(_kernel.eligible(x, axes, axis_name))
     return normalize_p.bind(
         *_operands(x, where), axes=axes, axis_name=axis_name, log=log, kernel=kernel
     )
