@@ -40,12 +40,9 @@ import jax.numpy as jnp
 
 _OPS = ("softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bwd")
 TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS)
-# Column kernels process up to 128 neighbouring slices at once (16 per vector of lanes), walking
-# down the reduced axes at a stride of `inner` entries. Fewer than 16 entries after the reduced
-# axes would leave lanes idle; beyond 128 a unit covers only part of each row and the strided walk
-# thrashes the caches (a first version took 5.8 ms for [4, 1024, 1024] over axis 1 against 2.1 ms
-# on the XLA path; from 16 to 128 the kernels measured 1.0-2.4x faster than the XLA path and
-# about as fast as jax.nn: benchmarks/NOTES.md). Outside that range: the XLA path.
+# Column kernels take 16 neighbouring slices per vector: fewer than 16 entries after the reduced
+# axes leave lanes idle, and beyond 128 the strided walk is slower than the XLA path
+# (benchmarks/NOTES.md).
 _MIN_INNER, _MAX_INNER = 16, 128
 MODES = ("auto", "on", "off")
 # Library variants from the most portable to the fastest; each runs on a subset of the CPUs the
