@@ -792,7 +792,7 @@ def test_isa_in_use_is_the_one_asked_for():
     assert info["available"] is True, info["error"]
     assert info["cpu_isa"] in _kernel.ISAS and info["isa"] in _kernel.ISAS
     assert info["isa"] == (os.environ.get(_kernel.ISA_ENV) or info["cpu_isa"]), info
-    assert os.path.basename(info["library"]) == f"libjsoftmax_{info['isa']}.so", info
+    assert os.path.basename(info["library"]).startswith(f"libjsoftmax_{info['isa']}."), info
 
 
 @pytest.mark.parametrize("isa", _kernel.ISAS)
