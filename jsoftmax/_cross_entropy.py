@@ -5,11 +5,13 @@ The loss of one slice (one "row": the logits along the class axis) is
     sum_c t_c * (log_normalizer - x_c),    t_c = effective target mass of class c,
 
 with ``t`` the one-hot label (or the probability target), label-smoothed and class-weighted as
-``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_vjp`` cores, one for integer
+``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_jvp`` cores, one for integer
 labels and one for probability targets, return the per-row loss; the reductions (torch's weighted
-``mean``, ``sum``) are plain JAX on top. Each core saves the logits (already alive as the input)
-and two per-row values, the shift (the row maximum) and the log-normaliser, never a probability
-tensor; its backward pass rebuilds ``softmax * sum(t) - t`` in one elementwise pass. The one-hot
+``mean``, ``sum``) are plain JAX on top. Each core's tangent is its hand-written gradient
+``softmax * sum(t) - t``, rebuilt in one elementwise pass from the logits and two per-row values
+(the shift and the log-normaliser), contracted with the tangent; reverse mode is its transpose,
+rematerialised, so it saves the logits (already alive as the input) and the two per-row values,
+never a probability tensor. The one-hot
 target is a comparison with a class iota, never materialised. The label's logit is a gather (one
 element per row) or, where the class axis is split across devices, a masked sum finished by a
 per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
@@ -638,8 +640,9 @@ def cross_entropy(
       The loss in the logits' dtype: a scalar, or the per-row losses for ``reduction="none"``.
 
     Note:
-      The backward pass is a hand-written ``jax.custom_vjp``: ``g * (softmax(x) * sum(t) - t)``
-      rebuilt from the saved logits and two per-row values (no probability tensor is saved).
+      The derivative is hand-written: ``g * (softmax(x) * sum(t) - t)`` rebuilt from the saved
+      logits and two per-row values (no probability tensor is saved); every JAX transformation
+      applies (``grad``, ``jvp``, ``jacfwd``, ``hessian``, ...).
       Labels equal to ``ignore_index`` give loss 0 and gradient 0 even when their logits are
       NaN or inf. When the ``mean``'s denominator is 0 (every label ignored, or all their
       weights 0, or no rows) the loss is 0 with gradient 0; torch gives NaN. A -inf logit (a

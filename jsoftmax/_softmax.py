@@ -138,10 +138,10 @@ def softmax(
       NaN cotangent there; without it, for any finite one). A slice with nothing unmasked
       gives 0 (jax.nn and torch give NaN). A +inf entry takes the limit: the +inf entries of a
       slice share probability 1 equally. NaN in a slice makes that slice NaN, and only that slice.
-      bf16/f16 are computed in float32 and rounded once. The backward pass is a hand-written
-      ``jax.custom_vjp`` (``y * (g - sum(g * y))``) that saves only the output; forward-mode
-      differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available, use
-      ``jax.jacrev(jax.jacrev(f))`` for second derivatives.
+      bf16/f16 are computed in float32 and rounded once. Every JAX transformation applies
+      (``grad``, ``jvp``, ``jacfwd``, ``hessian``, ``vmap``, ...): the tangent map
+      ``y * (t - sum(t * y))`` is hand-written and is its own transpose, so reverse mode saves
+      only the output and runs the same rule (the CPU backward kernel where it applies).
 
     Example:
       >>> import jax.numpy as jnp
@@ -200,9 +200,9 @@ def log_softmax(
       Masked and -inf entries give -inf with gradient 0; a slice with nothing unmasked gives -inf
       everywhere and gradient 0 (jax.nn and torch give NaN). +inf entries share the slice:
       ``-log(k)`` for k of them, -inf elsewhere. NaN in a slice makes that slice NaN. bf16/f16 are
-      computed in float32 and rounded once. The backward pass is a hand-written
-      ``jax.custom_vjp`` (``g - exp(y) * sum(g)``) that saves only the output; forward mode is
-      not available (see :func:`softmax`).
+      computed in float32 and rounded once. Every JAX transformation applies: the tangent map
+      ``t - sum(exp(y) * t)`` and its transpose ``g - exp(y) * sum(g)`` are hand-written, and
+      reverse mode saves only the output (see :func:`softmax`).
 
     Example:
       >>> import jax.numpy as jnp
