@@ -357,15 +357,20 @@ def format_headline(report: dict[str, Any]) -> str:
     )
 
 
+def took(report: dict[str, Any]) -> str:
+    if "elapsed_s" not in report:
+        return "still running when this was written"
+    memory = report["peak_rss_bytes"] / 2**30
+    return f"took {report['elapsed_s']:.0f} s, " + (
+        f"peak memory {memory:.2f} GiB" if memory else "peak memory not recorded"
+    )
+
+
 def format_report(report: dict[str, Any], plots: Iterable[str] = ()) -> str:
-    took = "still running when this was written"
-    if "elapsed_s" in report:
-        took = f"took {report['elapsed_s']:.0f} s, "
-        took += f"peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB"
     parts = [
         "# jsoftmax benchmark report",
         format_environment(report["environment"]),
-        f"`{report['config']['command']}`: {took}.",
+        f"`{report['config']['command']}`: {took(report)}.",
         "## Headline",
         format_headline(report),
     ]
@@ -477,8 +482,7 @@ def render_results(root: Path) -> str:
             f"## {info['device'].upper()}: "
             + (f"{info['gpu']} (host {host})" if info.get("gpu") else host),
             f"Taken {info['date_utc']} with jax {info['jax']}, torch {info.get('torch')}, jsoftmax "
-            f"at {info['git_revision']}: `{report['config']['command']}`, "
-            f"{report['elapsed_s']:.0f} s, peak memory {report['peak_rss_bytes'] / 2**30:.1f} GiB.",
+            f"at {info['git_revision']}: `{report['config']['command']}` {took(report)}.",
             busy_warning(info) or "",
             format_headline(report),
             *(f"![{path.name}]({link}/{path.name})" for path in sorted(folder.glob("*.png"))),
