@@ -147,9 +147,8 @@ def config_from_args(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace
     if args.only:
         tokens = _items(parser, "--only", args.only, OPS + SECTIONS)
         config.ops = tuple(t for t in tokens if t in OPS) or OPS
-        config.sections = tuple(
-            dict.fromkeys([t for t in tokens if t in SECTIONS] + ["timing"] * (config.ops != OPS))
-        )
+        timed = ["timing"] * any(t in OPS for t in tokens)  # an op alone: that op's timings
+        config.sections = tuple(dict.fromkeys([t for t in tokens if t in SECTIONS] + timed))
     if args.shapes:
         try:
             config.shapes = parse_shapes(args.shapes)

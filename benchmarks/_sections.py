@@ -24,7 +24,15 @@ import numpy as np
 import jsoftmax
 
 from . import _report
-from ._contenders import Inputs, Target, jax_function, make_runner, make_target, torch_function
+from ._contenders import (
+    Inputs,
+    Target,
+    jax_function,
+    make_runner,
+    make_target,
+    torch_function,
+    torch_sync,
+)
 from ._measure import Runner, measure
 from ._plan import (
     BYTES_FACTOR,
@@ -61,6 +69,10 @@ class Context:
         if self.save is not None:
             self.save(self.report)
         return rows
+
+    def pick(self, smoke: Any, quick: Any, full: Any) -> Any:
+        """The size of something for this run: tiny (smoke), quick or full."""
+        return smoke if self.config.smoke else quick if self.config.quick else full
 
     def note(self, text: str) -> None:
         self.report["notes"].append(text)
@@ -100,11 +112,6 @@ def prepare(name: str, build: Callable[[], Any], sync: Any = jax.block_until_rea
     except Exception as err:
         return (name, err)
     return built if isinstance(built, Runner) else Runner(name, built, sync)
-
-
-def _torch_sync(target: Target, out: Any = None) -> None:
-    if target.gpu:
-        __import__("torch").cuda.synchronize()
 
 
 def _jitted(f: Callable[..., Any], pass_: str, x: Any, g: Any) -> Callable[[], Any]:
@@ -209,7 +216,7 @@ def accuracy(ctx: Context) -> None:
     """Each contender's error against float64 per dtype and op, computed from the dtype-rounded
     input, with the floor: the float64 result rounded once to the dtype, the best possible."""
     config = ctx.config
-    shape = (8, 256) if config.smoke else (64, 4096) if config.quick else (256, 4096)
+    shape = ctx.pick((8, 256), (64, 4096), (256, 4096))
     rng = np.random.default_rng(config.seed + 1)
     x32 = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
     g32 = rng.standard_normal(shape, dtype=np.float32)
@@ -277,11 +284,9 @@ def interop(ctx: Context) -> None:
 
     from jsoftmax import interop as bridge
 
-    config, device, sync = ctx.config, ctx.target.torch_device, partial(_torch_sync, ctx.target)
+    config, device, sync = ctx.config, ctx.target.torch_device, torch_sync(ctx.target)
     budget = min(config.budget(), 0.5)
-    for exponent in (
-        (8, 12) if config.smoke else (10, 16, 22) if config.quick else (10, 14, 18, 22, 26)
-    ):
+    for exponent in ctx.pick((8, 12), (10, 16, 22), (10, 14, 18, 22, 26)):
         tensor = torch.randn(2**exponent, device=device)
         array = bridge.from_torch(tensor.clone(), copy=True)
         sources: list[tuple[str, Any, Any, Any]] = [
@@ -303,11 +308,7 @@ def interop(ctx: Context) -> None:
             budget_s=budget,
         )
     for op in OPS:
-        for shape in (
-            [(8, 256)]
-            if config.smoke
-            else [(64, 4096), (1024, 4096)] + [(4096, 4096)] * (not config.quick)
-        ):
+        for shape in ctx.pick([(8, 256)], [(64, 4096), (1024, 4096)], INTEROP_SHAPES):
             for pass_ in ("fwd", "fwd+bwd"):
                 x, g = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
                 functions = {"jsoftmax.interop": getattr(bridge, op), "torch": getattr(torch, op)}
@@ -320,6 +321,9 @@ def interop(ctx: Context) -> None:
                     {"section": "interop", "case": f"{op} {pass_} {label(shape)}"},
                     budget_s=budget,
                 )
+
+
+INTEROP_SHAPES = [(64, 4096), (1024, 4096), (4096, 4096)]
 
 
 def _bridged(function: Callable[..., Any], pass_: str, x: Any, g: Any) -> Callable[[], Any]:
@@ -344,9 +348,7 @@ def overhead(ctx: Context) -> None:
     if ctx.has_torch:
         tensor = __import__("torch").from_numpy(host).to(ctx.target.torch_device)
         runners.append(
-            Runner(
-                "torch.softmax(x, -1)", lambda: tensor.softmax(-1), partial(_torch_sync, ctx.target)
-            )
+            Runner("torch.softmax(x, -1)", lambda: tensor.softmax(-1), torch_sync(ctx.target))
         )
     ctx.time(
         runners,
@@ -378,15 +380,10 @@ def cross_entropy(ctx: Context) -> None:
     config = ctx.config
     if ctx.optax is None:
         ctx.note("cross-entropy: optax is not installed, its column is left out")
-    shapes = (
-        [(16, 1000)]
-        if config.smoke
-        else [(256, 32000)]
-        if config.quick
-        else [(512, 32000), (128, 128256), (4096, 1000)]
-    )
     rng = np.random.default_rng(config.seed + 2)
-    for shape in shapes:
+    for shape in ctx.pick(
+        [(16, 1000)], [(256, 32000)], [(512, 32000), (128, 128256), (4096, 1000)]
+    ):
         host = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
         labels = rng.integers(0, shape[1], size=shape[0])
         for dtype in ("float32",) if config.quick else config.resolved_dtypes():
@@ -404,7 +401,7 @@ def cross_entropy(ctx: Context) -> None:
                 compiled = "torch.compile" in config.contenders and not config.quick
                 for name in (["torch"] + ["torch.compile"] * compiled) if ctx.has_torch else []:
                     build = partial(_torch_loss, ctx, name, pass_, host, labels, dtype)
-                    runners.append(prepare(name, build, partial(_torch_sync, ctx.target)))
+                    runners.append(prepare(name, build, torch_sync(ctx.target)))
                 ctx.time(
                     runners,
                     {"section": "cross_entropy", "case": f"{SHORT[dtype]} {pass_} {label(shape)}"},
@@ -433,7 +430,7 @@ def _torch_loss(
 
 def _loss_accuracy(ctx: Context) -> None:
     """Relative error of each mean loss against float64, per dtype."""
-    count, classes = (16, 256) if ctx.config.smoke else (256, 4096)
+    count, classes = ctx.pick((16, 256), (256, 4096), (256, 4096))
     rng = np.random.default_rng(ctx.config.seed + 3)
     host = rng.standard_normal((count, classes), dtype=np.float32) * np.float32(3.0)
     labels = rng.integers(0, classes, size=count)
@@ -468,11 +465,11 @@ def plain(ctx: Context) -> None:
     ``jax.jit(lambda x, g: jax.vjp(f, x)[1](g))``, against jax.nn jitted alike and torch eager;
     medians of 7 interleaved rounds, float32, the headline shapes."""
     rng = np.random.default_rng(ctx.config.seed + 4)
-    for shape in [(64, 4096)] if ctx.config.smoke else HEADLINE_SHAPES:
+    for shape in ctx.pick([(64, 4096)], HEADLINE_SHAPES, HEADLINE_SHAPES):
         host = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
         x = jax.device_put(host, ctx.target.jax_device)
         g = jax.device_put(rng.standard_normal(shape, dtype=np.float32), ctx.target.jax_device)
-        for op in OPS[: 1 if ctx.config.smoke else 2]:
+        for op in ctx.pick(OPS[:1], OPS, OPS):
             for pass_ in ("fwd", "grad"):
                 names = ("jsoftmax", "jax.nn")
                 runners = [
@@ -484,7 +481,7 @@ def plain(ctx: Context) -> None:
                         prepare(
                             "torch",
                             partial(_plain_torch, ctx, op, pass_, host),
-                            partial(_torch_sync, ctx.target),
+                            torch_sync(ctx.target),
                         )
                     )
                 fields: dict[str, Any] = {

@@ -359,6 +359,29 @@ def test_help_imports_neither_jax_nor_torch_and_shows_every_default():
 
 
 @pytest.mark.parametrize(
+    ("only", "ops", "sections"),
+    [
+        ("softmax,log_softmax", _plan.OPS, ("timing",)),
+        ("log_softmax,plain", ("log_softmax",), ("plain", "timing")),
+        ("plain,steps", _plan.OPS, ("plain", "steps")),
+    ],
+)
+def test_only_selects_ops_and_sections(only, ops, sections):
+    config, _ = cli.config_from_args(["--only", only])
+    assert (config.ops, config.resolved_sections()) == (ops, sections)
+
+
+def test_device_gpu_without_a_gpu_is_a_clear_error():
+    import torch
+
+    if torch.cuda.is_available():  # a GPU machine: the same call finds it
+        assert _contenders.make_target("gpu", True).gpu
+    else:
+        with pytest.raises(RuntimeError, match="--device gpu expected a CUDA GPU"):
+            _contenders.make_target("gpu", True)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--dtype", "f64"], "--dtype expected a comma list of"),
