@@ -74,6 +74,10 @@ class Context:
         """The size of something for this run: tiny (smoke), quick or full."""
         return smoke if self.config.smoke else quick if self.config.quick else full
 
+    def over_time(self) -> bool:
+        limit = self.config.time_limit_s
+        return limit is not None and time.perf_counter() - self.start > limit
+
     def note(self, text: str) -> None:
         self.report["notes"].append(text)
         self.progress(f"  {text}")
@@ -128,10 +132,7 @@ def timing(ctx: Context) -> None:
     config, copied = ctx.config, set()
     cases = plan_cases(config)
     for index, case in enumerate(cases, 1):
-        if (
-            config.time_limit_s is not None
-            and time.perf_counter() - ctx.start > config.time_limit_s
-        ):
+        if ctx.over_time():
             ctx.note(
                 f"--time-limit reached: the last {len(cases) - index + 1} timed cases were skipped"
             )
@@ -626,28 +627,21 @@ def run(
     ctx.report |= {
         "schema": 2,
         "environment": _report.describe(config.device, malloc),
-        "config": {
-            "device": config.device,
-            "quick": config.quick,
-            "command": config.command,
-            "sections": list(config.resolved_sections()),
-            "contenders": list(config.contenders),
-            "dtypes": list(config.resolved_dtypes()),
-            "budget_s": config.budget(),
-            "rounds": list(config.rounds()),
-            "rotate_bytes": target.rotate_bytes,
-            "seed": config.seed,
-        },
+        "config": {key: value for key, value in vars(config).items() if key != "out"},
+    }
+    ctx.report["config"] |= {  # the defaults resolved
+        "sections": config.resolved_sections(),
+        "dtypes": config.resolved_dtypes(),
+        "budget_s": config.budget(),
+        "rounds": config.rounds(),
+        "rotate_bytes": target.rotate_bytes,
     }
     if torch is None:
         ctx.note("torch is not installed: no torch contenders, no interop section")
     ctx.save = save
     with jax.default_device(target.jax_device):
         for section in config.resolved_sections():
-            if (
-                config.time_limit_s is not None
-                and time.perf_counter() - ctx.start > config.time_limit_s
-            ):
+            if ctx.over_time():
                 ctx.note(f"--time-limit reached: section {section} skipped")
                 continue
             try:

@@ -23,6 +23,7 @@ from benchmarks import __main__ as cli
 from benchmarks import _contenders, _measure, _plan, _plots, _report, _sections
 
 ROOT = Path(__file__).resolve().parent.parent
+ALL = ",".join(_plan.SECTIONS)  # the script runs the quick sections; the smoke run every one
 ROUNDED = {"rel": 2e-3}  # results.json keeps 4 significant digits
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 
@@ -42,7 +43,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JSOFTMAX_CPU_KERNEL")}
     env |= {"BENCH_DEVICE": "cpu", "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"}
     done = subprocess.run(
-        ["bash", "benchmarks/gpu_run.sh", str(out), "--smoke", "--no-compile"],
+        ["bash", "benchmarks/gpu_run.sh", str(out), "--smoke", "--no-compile", "--only", ALL],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -264,6 +265,18 @@ def test_missing_optional_packages_are_reported_first_and_the_rest_runs(tmp_path
     }
     assert "torch is not installed: no torch contenders, no interop section" in report["notes"]
     assert not list(tmp_path.glob("*.png")) and (tmp_path / "report.md").exists()
+
+
+def test_time_limit_stops_starting_work_and_says_so(tmp_path):
+    argv = _tiny(tmp_path, "--time-limit", "0", "--no-plots")
+    argv[argv.index("softmax")] = "softmax,overhead"
+    assert _run_cli(argv)[0] == 0
+    report = _report.load_report(tmp_path / "results.json")
+    assert report["rows"] == []
+    assert report["notes"] == [
+        f"--time-limit reached: section {s} skipped" for s in ("overhead", "timing")
+    ]
+    assert "Not measured in this run" in (tmp_path / "report.md").read_text()
 
 
 def test_merge_joins_a_run_split_into_parts(tmp_path):
