@@ -6,8 +6,9 @@
 #   bash benchmarks/gpu_run.sh OUTDIR [more arguments for python -m benchmarks]
 #
 # For a GPU machine with jax and torch installed and no package index: jsoftmax, if not
-# installed, is installed without dependencies, or used from the source tree when that fails. About 6 minutes: the
-# tests are cut at 2.5 minutes, no benchmark case starts after 4, the benchmark is cut at 6.
+# installed, is installed without dependencies, or used from the source tree when that fails.
+# 5-6 minutes: the tests are cut at 2, no benchmark case starts after 3.5 and the benchmark is
+# cut at 5.5 (it saves after every measurement): at most 8 minutes with the install.
 # BENCH_DEVICE=cpu runs the same path on a CPU machine (the CUDA tests then skip), e.g.
 #   BENCH_DEVICE=cpu bash benchmarks/gpu_run.sh /tmp/gpu-dry-run --smoke
 set -u
@@ -24,10 +25,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   nvidia-smi
   python -c "import jax, torch; print('jax', jax.__version__, jax.devices()); print('torch', torch.__version__, torch.cuda.is_available())"
 } >"$out/machine.txt" 2>&1
-timeout 150 python -m pytest -q -p no:cacheprovider -m cuda tests/test_interop_cuda.py >"$out/cuda-tests.txt" 2>&1
+timeout 120 python -m pytest -q -p no:cacheprovider -m cuda tests/test_interop_cuda.py >"$out/cuda-tests.txt" 2>&1
 echo "pytest exit status $?" >>"$out/cuda-tests.txt"
 # The short sections first: the time limit cuts only the timing cases.
-timeout 360 python -m benchmarks --device "${BENCH_DEVICE:-gpu}" --quick --time-limit 240 \
+timeout 330 python -m benchmarks --device "${BENCH_DEVICE:-gpu}" --quick --time-limit 210 \
   --only accuracy,interop,overhead,cross_entropy,timing --out "$out" "$@" \
   >"$out/stdout.txt" 2>"$out/progress.txt"
 status=$?
