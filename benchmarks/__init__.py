@@ -21,7 +21,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 from collections.abc import Sequence
 from typing import Any
 
-from ._plan import HEADLINE_SHAPES, RunConfig
+from ._plan import HEADLINE_PASSES, HEADLINE_SHAPES, RunConfig
 from ._report import format_headline, format_report
 
 
@@ -29,7 +29,7 @@ def compare(
     shapes: Sequence[tuple[int, ...]] = HEADLINE_SHAPES,
     *,
     ops: Sequence[str] = ("softmax",),
-    passes: Sequence[str] = ("fwd", "fwd+bwd"),
+    passes: Sequence[str] = HEADLINE_PASSES,
     contenders: Sequence[str] = ("jsoftmax", "jax.nn", "torch"),
     device: str = "cpu",
     budget_s: float = 0.5,
@@ -57,11 +57,4 @@ def compare(
     return run(config, progress=lambda line: None)
 
 
-def run(config: RunConfig, **options: Any) -> dict[str, Any]:
-    """The whole run of :class:`RunConfig` (see ``_sections.run``)."""
-    from ._sections import run as run_sections
-
-    return run_sections(config, **options)
-
-
-__all__ = ["HEADLINE_SHAPES", "RunConfig", "compare", "format_headline", "format_report", "run"]
+__all__ = ["HEADLINE_SHAPES", "RunConfig", "compare", "format_headline", "format_report"]

@@ -17,6 +17,7 @@ from . import _report
 from ._plan import (
     CONTENDERS,
     DTYPES,
+    HEADLINE_PASSES,
     OPS,
     PASSES,
     SECTIONS,
@@ -138,11 +139,7 @@ def config_from_args(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace
             dict.fromkeys(DTYPES[d] for d in _items(parser, "--dtype", args.dtype, tuple(DTYPES)))
         )
     if args.headline:
-        config.suites, config.passes, config.sections = (
-            ("headline",),
-            ("fwd", "fwd+bwd"),
-            ("timing",),
-        )
+        config.suites, config.passes, config.sections = ("headline",), HEADLINE_PASSES, ("timing",)
         config.dtypes = config.dtypes or ("float32",)
     if args.only:
         tokens = _items(parser, "--only", args.only, OPS + SECTIONS)

@@ -38,6 +38,7 @@ from ._plan import (
     BYTES_FACTOR,
     CONTENDERS,
     COPIES,
+    HEADLINE_PASSES,
     HEADLINE_SHAPES,
     OPS,
     SHORT,
@@ -310,7 +311,7 @@ def interop(ctx: Context) -> None:
         )
     for op in OPS:
         for shape in ctx.pick([(8, 256)], [(64, 4096), (1024, 4096)], INTEROP_SHAPES):
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in HEADLINE_PASSES:
                 x, g = torch.randn(shape, device=device) * 3, torch.randn(shape, device=device)
                 functions = {"jsoftmax.interop": getattr(bridge, op), "torch": getattr(torch, op)}
                 runners = [
@@ -388,7 +389,7 @@ def cross_entropy(ctx: Context) -> None:
         host = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
         labels = rng.integers(0, shape[1], size=shape[0])
         for dtype in ("float32",) if config.quick else config.resolved_dtypes():
-            for pass_ in ("fwd", "fwd+bwd"):
+            for pass_ in HEADLINE_PASSES:
                 logits = jax.device_put(host, ctx.target.jax_device).astype(dtype)
                 targets = jax.device_put(labels.astype(np.int32), ctx.target.jax_device)
                 grad = jax.value_and_grad
