@@ -1,221 +1,231 @@
-"""``python -m benchmarks``: the benchmark report. See ``--help`` and benchmarks/NOTES.md."""
+"""``python -m benchmarks``: see ``--help`` and benchmarks/NOTES.md.
+
+JAX and torch are imported only after the arguments are parsed, so ``--help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from . import _report
-from ._config import (
+from ._plan import (
     CONTENDERS,
-    DTYPE_ALIASES,
+    DTYPES,
+    HEADLINE_PASSES,
     OPS,
     PASSES,
     SECTIONS,
+    SUITES,
     RunConfig,
     parse_shapes,
     plan_cases,
 )
-from ._contenders import DeviceUnavailable
-from ._environment import MALLOC_DEFAULT, describe, format_environment, keep_freed_memory
-from ._run import run
 
-SUITES = ("headline", "triton", "lm", "attention", "classification", "non-last-axis")
+BENCHMARKS = Path(__file__).resolve().parent
 
 
-def _split(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
+class _Help(argparse.HelpFormatter):
+    """Appends each option's default to its help, unless the help states it (flags: off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, argparse.SUPPRESS) or action.const:
+            return text
+        return text + " (default: %(default)s)"
 
 
-def _choices(parser: argparse.ArgumentParser, option: str, text: str, allowed: Sequence[str]):
-    items = _split(text)
-    unknown = [item for item in items if item not in allowed]
-    if unknown or not items:
-        parser.error(f"{option} expected a comma list of {', '.join(allowed)}, got {text!r}")
-    return tuple(items)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Times and checks jsoftmax against jax.nn, a naive jnp formula, torch and "
-        "torch.compile; writes report.md, results.json, timings.csv, accuracy.csv and PNG plots.",
+        formatter_class=_Help,
+        description="Times and checks jsoftmax against jax.nn (jitted), the naive jnp formula, "
+        "torch eager and torch.compile in one process; writes report.md, results.json, a CSV per "
+        "section and PNG plots to --out. --quick takes about 3 minutes on 2 CPU cores.",
     )
-    parser.add_argument("--quick", action="store_true", help="the ~3 minute subset")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "gpu"))
-    parser.add_argument("--dtype", help="comma list of f32, bf16, f16 (default: cpu f32,bf16)")
-    parser.add_argument("--out", default="bench-results", help="output folder")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--quick", action="store_true", help="the ~3 minute subset (no plain/steps sections)")
+    add("--device", default="cpu", choices=("cpu", "gpu"), help="where JAX and torch run")
+    add("--out", default="bench-results", help="output folder")
+    add("--dtype", help="comma list of f32, bf16, f16 (default: f32,bf16; full GPU runs add f16)")
+    add(
         "--only",
-        help="comma list of ops (softmax, log_softmax) and sections "
-        f"({', '.join(SECTIONS)}); an op alone times that op and nothing else",
+        help=f"comma list of ops ({', '.join(OPS)}) and sections ({', '.join(SECTIONS)}); "
+        "an op alone times that op and runs no other section (default: every section)",
     )
-    parser.add_argument("--passes", help="comma list of fwd, bwd, fwd+bwd")
-    parser.add_argument(
-        "--shapes", help="e.g. 4096x4096,1024x4096: these shapes instead of the suites"
+    add("--passes", default=",".join(PASSES), help="comma list of fwd, bwd, fwd+bwd")
+    add(
+        "--shapes",
+        help="e.g. 4096x4096,1024x4096: these shapes instead of the suites (default: the suites)",
     )
-    parser.add_argument("--axis", type=int, default=-1, help="axis for --shapes (default -1)")
-    parser.add_argument("--suites", help=f"comma list of {', '.join(SUITES)}")
-    parser.add_argument("--contenders", help=f"comma list of {', '.join(CONTENDERS)}")
-    parser.add_argument(
+    add("--axis", type=int, default=-1, help="the axis normalised by --shapes")
+    add("--suites", default=",".join(SUITES), help="shape suites of the timing section")
+    add("--contenders", default=",".join(CONTENDERS), help="xla-fused runs on GPU only")
+    add(
         "--headline",
         action="store_true",
-        help="only the five headline shapes, float32, fwd and fwd+bwd: the A/B set",
+        help="the five headline shapes, f32, fwd and fwd+bwd, timing only: the A/B set",
     )
-    parser.add_argument("--no-compile", action="store_true", help="leave torch.compile out")
-    parser.add_argument("--budget", type=float, help="seconds of samples per case")
-    parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--samples", action="store_true", help="keep raw samples in the JSON")
-    parser.add_argument(
+    add("--no-compile", action="store_true", help="leave torch.compile out")
+    add("--budget", type=float, help="seconds of samples per case (default: 0.25 quick, 1 full)")
+    add(
+        "--time-limit",
+        type=float,
+        help="seconds after which no new case or section starts (default: none)",
+    )
+    add("--no-plots", action="store_true", help="skip the PNG plots")
+    add("--samples", action="store_true", help="keep the raw samples in results.json")
+    add(
         "--malloc-reuse",
         action="store_true",
-        help="let glibc reuse freed memory for large blocks instead of fresh pages (changes "
-        "torch's CPU allocations, not JAX's; recorded in the report)",
+        help="let glibc reuse freed memory for large blocks (torch's CPU allocations)",
     )
-    parser.add_argument(
+    add(
         "--merge",
         action="store_true",
-        help="merge into the results already in --out (same case and contender: the new row "
-        "wins): split a long run into parts, e.g. by --suites",
+        help="merge into the results in --out (same case and contender: the new row wins)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--list", action="store_true", help="print the planned cases and exit")
-    parser.add_argument(
+    add("--seed", type=int, default=0, help="seed of every input")
+    add("--list", action="store_true", help="print the planned timing cases and exit")
+    add(
         "--render-results",
         action="store_true",
-        help="write benchmarks/RESULTS.md from the runs under benchmarks/results/ and exit",
+        help="write benchmarks/RESULTS.md from benchmarks/results/*/ and exit",
     )
-    parser.add_argument(
+    add(
         "--smoke",
         action="store_true",
-        help="tiny sizes and 3 rounds everywhere: checks that the harness runs (CI); its "
-        "figures mean nothing",
+        help="tiny sizes, 3 rounds: checks that the harness runs; its figures mean nothing",
     )
     return parser
 
 
-def config_from_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, str | None]:
-    """The run's settings from the command line, and the action instead of a run, if any."""
-    parser = build_parser()
+def _items(
+    parser: argparse.ArgumentParser, flag: str, text: str, allowed: Sequence[str]
+) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items or any(item not in allowed for item in items):
+        parser.error(f"{flag} expected a comma list of {', '.join(allowed)}, got {text!r}")
+    return items
+
+
+def config_from_args(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace]:
+    parser = _parser()
     args = parser.parse_args(argv)
-    words = list(sys.argv[1:] if argv is None else argv)
     config = RunConfig(
         device=args.device,
         quick=args.quick or args.smoke,
-        seed=args.seed,
         smoke=args.smoke,
-        command=" ".join(["python -m benchmarks", *(shlex.quote(word) for word in words)]),
+        out=Path(args.out),
+        passes=_items(parser, "--passes", args.passes, PASSES),
+        suites=_items(parser, "--suites", args.suites, SUITES),
+        contenders=_items(parser, "--contenders", args.contenders, CONTENDERS),
+        torch_compile=not args.no_compile,
+        plots=not args.no_plots,
+        keep_samples=args.samples,
+        malloc_reuse=args.malloc_reuse,
+        merge=args.merge,
+        seed=args.seed,
+        time_limit_s=args.time_limit,
+        command=" ".join(["python -m benchmarks", *map(shlex.quote, argv)]),
     )
-    config.out = Path(args.out)
     if args.dtype:
-        names = _choices(parser, "--dtype", args.dtype, tuple(DTYPE_ALIASES))
-        config.dtypes = tuple(dict.fromkeys(DTYPE_ALIASES[name] for name in names))
-    if args.smoke and not args.dtype:
-        config.dtypes = ("float32",)
+        config.dtypes = tuple(
+            dict.fromkeys(DTYPES[d] for d in _items(parser, "--dtype", args.dtype, tuple(DTYPES)))
+        )
     if args.headline:
-        config.suites = ("headline",)
-        config.passes = ("fwd", "fwd+bwd")
+        config.suites, config.passes, config.sections = ("headline",), HEADLINE_PASSES, ("timing",)
         config.dtypes = config.dtypes or ("float32",)
-        config.sections = ("timing",)
     if args.only:
-        tokens = _choices(parser, "--only", args.only, OPS + SECTIONS)
-        ops = tuple(token for token in tokens if token in OPS)
-        sections = [token for token in tokens if token in SECTIONS]
-        if ops:
-            config.ops = ops
-            sections.append("timing")
-        config.sections = tuple(dict.fromkeys(sections))
-    if args.passes:
-        config.passes = _choices(parser, "--passes", args.passes, PASSES)
+        tokens = _items(parser, "--only", args.only, OPS + SECTIONS)
+        config.ops = tuple(t for t in tokens if t in OPS) or OPS
+        timed = ["timing"] * any(t in OPS for t in tokens)  # an op alone: that op's timings
+        config.sections = tuple(dict.fromkeys([t for t in tokens if t in SECTIONS] + timed))
     if args.shapes:
         try:
             config.shapes = parse_shapes(args.shapes)
         except ValueError as err:
             parser.error(str(err))
-        for shape in config.shapes:
-            if not -len(shape) <= args.axis < len(shape):
-                parser.error(f"--axis expected a valid axis of every shape, got {args.axis}")
+        if any(not -len(s) <= args.axis < len(s) for s in config.shapes):
+            parser.error(f"--axis expected a valid axis of every shape, got {args.axis}")
         config.axis = args.axis
-    if args.suites:
-        config.suites = _choices(parser, "--suites", args.suites, SUITES)
-    if args.contenders:
-        config.contenders = _choices(parser, "--contenders", args.contenders, CONTENDERS)
-    if args.no_compile:
-        config.torch_compile = False
-    if args.budget is not None:
-        if args.budget <= 0:
-            parser.error(f"--budget expected a positive number of seconds, got {args.budget}")
-        config.budget_s = args.budget
-    config.plots = not args.no_plots
-    config.keep_samples = args.samples
-    config.merge = args.merge
-    config.malloc_reuse = args.malloc_reuse
-    action = "list" if args.list else "render" if args.render_results else None
-    return config, action
-
-
-BENCHMARKS_DIR = Path(__file__).resolve().parent
-
-
-def render_results(benchmarks_dir: Path = BENCHMARKS_DIR) -> Path:
-    """Writes ``RESULTS.md`` from the runs under ``results/``; returns its path."""
-    path = benchmarks_dir / "RESULTS.md"
-    path.write_text(_report.render_results_md(benchmarks_dir / "results", benchmarks_dir))
-    return path
+    if args.budget is not None and args.budget <= 0:
+        parser.error(f"--budget expected a positive number of seconds, got {args.budget}")
+    config.budget_s = args.budget
+    return config, args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    config, action = config_from_args(argv)
-    if action == "render":
-        print(f"Wrote {render_results()}")
+    begin = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, args = config_from_args(argv)
+    if args.render_results:
+        (BENCHMARKS / "RESULTS.md").write_text(_report.render_results(BENCHMARKS))
+        print(f"Wrote {BENCHMARKS / 'RESULTS.md'}")
         return 0
-    cases = plan_cases(config) if "timing" in config.sections else []
-    if action == "list":
-        for case in cases:
-            print(case.label(), f"[{'+'.join(case.suites)}]")
-        print(f"{len(cases)} cases; contenders: {', '.join(config.resolved_contenders())}")
+    if args.list:
+        cases = plan_cases(config)
+        print("\n".join(f"{case.label()} [{'+'.join(case.suites)}]" for case in cases))
+        print(f"{len(cases)} cases")
         return 0
-    import torch
-
-    from ._environment import usable_cores
-
-    torch.set_num_threads(usable_cores())
-    print("# jsoftmax benchmarks\n")
-    malloc = keep_freed_memory() if config.malloc_reuse else MALLOC_DEFAULT
-    print(format_environment(describe(config.device, torch.get_num_threads(), malloc)))
-    print(
-        f"\n{'quick' if config.quick else 'full'} run: {len(cases)} timed cases, contenders "
-        f"{', '.join(config.resolved_contenders())}; sections {', '.join(config.sections)}; "
-        f"progress on stderr\n",
-        flush=True,
-    )
-    merge = config.merge
-    try:
-        report = run(config)
-    except DeviceUnavailable as err:  # say so without a traceback
-        print(str(err), file=sys.stderr)
-        return 2
-    report = _report.rounded(report)  # what is printed is what is stored
-    paths = {}
-    previous = None if config.out is None else config.out / "results.json"
-    if merge and previous is not None and previous.exists():
-        report = _report.merge_reports(_report.load_report(previous), report)
-    if config.out is not None:
-        paths = _report.write_outputs(
-            report, config.out, plots=config.plots, keep_samples=config.keep_samples
+    missing = {
+        name: why
+        for name, why in (
+            ("torch", "no torch contenders, no interop section"),
+            ("matplotlib", "no plots"),
+            ("optax", "no optax column in cross-entropy"),
         )
-    plot_names = [name for name in paths if name.endswith(".png")]
-    print(_report.format_report(report, plot_names))
-    print(_report.format_headline(report.get("headline")))
-    print()
-    print(f"Took {report['elapsed_s']:.0f} s.", end=" ")
-    if paths:
-        print(f"Wrote {', '.join(sorted(paths))} to {config.out}/")
-    else:
-        print()
+        if importlib.util.find_spec(name) is None
+    }
+    for name, why in missing.items():
+        print(
+            f'Optional package {name} is not installed: {why} (pip install -e ".[bench]" adds it).'
+        )
+    if "matplotlib" in missing:
+        config.plots = False
+    out = config.out or Path("bench-results")
+    previous = (
+        _report.load_report(out / "results.json")
+        if config.merge and (out / "results.json").exists()
+        else None
+    )
+    mode = "quick" if config.quick else "full"
+    print(f"# jsoftmax benchmarks: {mode} run on {config.device}, into {out}/; progress on stderr")
+
+    def save(report: dict) -> None:
+        _report.write_outputs(_report.merge(previous, report) if previous else report, out)
+
+    from ._sections import run
+
+    try:
+        report = run(config, save=save)
+    except RuntimeError as err:  # --device gpu without a GPU: say so without a traceback
+        print(f"benchmarks: {err}", file=sys.stderr)
+        return 2
+    report = _report.merge(previous, report) if previous else report
+    report["elapsed_s"] = time.perf_counter() - begin  # imports included
+    written = _report.write_outputs(report, out)
+    plots: list[str] = []
+    if config.plots:
+        try:
+            from ._plots import write_plots
+
+            plots = write_plots(report["rows"], out)
+        except Exception as err:  # the figures are written already: a plot must not lose them
+            print(f"Plots failed ({type(err).__name__}: {err}); the other files are complete.")
+        report["elapsed_s"] = time.perf_counter() - begin
+        report["peak_rss_bytes"] = _report.peak_rss_bytes()
+        _report.write_outputs(report, out, plots)
+    print(_report.format_report(report, plots))
+    print(
+        f"Took {report['elapsed_s']:.0f} s, peak memory {report['peak_rss_bytes'] / 2**30:.2f} GiB."
+    )
+    print(f"Wrote {', '.join(written + plots)} to {out}/")
     return 0
 
 

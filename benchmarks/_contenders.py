@@ -1,15 +1,12 @@
-"""The contenders and the copy reference rows, each prepared as a :class:`Runner` for one case.
+"""The contenders of a softmax case, and the copy rows, each prepared as a :class:`Runner`.
 
-JAX contenders (``jsoftmax``, ``jax.nn``, ``xla-fused``) are called through ``jax.jit`` the way a
-model calls them; ``jnp-naive`` is the textbook formula run op by op, unfused. Torch contenders
-run eagerly or under ``torch.compile``. Every contender gets the same values (from one float32
-host array, cast to the case's dtype) in its own pool of copies that is rotated call by call.
+JAX contenders run under ``jax.jit`` as a model calls them, except ``jnp-naive``: the textbook
+formula op by op, unfused. Torch runs eagerly or under ``torch.compile(dynamic=False)``. All get
+the same values: one pool of input copies per framework, rotated call by call.
 
-Passes:
-  fwd: the function alone, no autodiff state.
-  bwd: the backward alone, from state saved once per pool entry: the function returned by
-    ``jax.vjp`` (applied under ``jax.jit``), or a torch graph kept with ``retain_graph=True``.
-  fwd+bwd: forward and backward in one call, returning both the output and the gradient.
+Passes: ``fwd`` the function alone; ``bwd`` the backward alone, from state saved once per input
+(a jitted ``jax.vjp``; a torch graph kept with ``retain_graph=True``); ``fwd+bwd`` one call
+returning the output and the input gradient.
 """
 
 from __future__ import annotations
@@ -25,218 +22,34 @@ import numpy as np
 
 import jsoftmax
 
-from ._config import Case
-from ._timing import Rotation, Runner, pool_size
+from ._measure import Rotation, Runner, pool_size
+from ._plan import HEADLINE_SHAPES, Case
 
 
-def naive_softmax(x: jax.Array, axis: int) -> jax.Array:
-    """The textbook formula: one jnp operation after another.
+def naive_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
+    """The textbook formula.
 
-    >>> print(naive_softmax(jnp.array([0.0, jnp.log(3.0)]), axis=-1).round(4))
+    >>> print(naive_softmax(jnp.array([0.0, jnp.log(3.0)])).round(4))
     [0.25 0.75]
     """
-    shifted = x - jnp.max(x, axis=axis, keepdims=True)
-    exp = jnp.exp(shifted)
+    exp = jnp.exp(x - jnp.max(x, axis=axis, keepdims=True))
     return exp / jnp.sum(exp, axis=axis, keepdims=True)
 
 
-def naive_log_softmax(x: jax.Array, axis: int) -> jax.Array:
-    """The textbook formula for log_softmax, one jnp operation after another.
-
-    >>> print(naive_log_softmax(jnp.array([0.0, 0.0]), axis=-1).round(4))
-    [-0.6931 -0.6931]
-    """
+def naive_log_softmax(x: jax.Array, axis: int = -1) -> jax.Array:
     shifted = x - jnp.max(x, axis=axis, keepdims=True)
     return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis=axis, keepdims=True))
 
 
-_NAIVE = {"softmax": naive_softmax, "log_softmax": naive_log_softmax}
-
-
 def jax_function(name: str, op: str, axis: int) -> Callable[[jax.Array], jax.Array]:
-    """The un-jitted function a JAX contender computes."""
-    if name == "jsoftmax":
-        return partial(getattr(jsoftmax, op), axis=axis)
-    if name == "jax.nn":
-        return partial(getattr(jax.nn, op), axis=axis)
+    """The un-jitted function of a JAX contender."""
     if name in ("jnp-naive", "xla-fused"):
-        return partial(_NAIVE[op], axis=axis)
-    raise ValueError(f"benchmarks: contender expected a JAX contender, got {name!r}")
-
-
-@dataclasses.dataclass
-class Target:
-    """Where a run executes: the JAX device, the torch device and how to synchronise."""
-
-    kind: str  # "cpu" or "gpu"
-    jax_device: Any
-    torch_device: Any
-    rotate_bytes: int
-
-    @property
-    def gpu(self) -> bool:
-        return self.kind == "gpu"
-
-
-class DeviceUnavailable(RuntimeError):
-    """The requested device is not there (``--device gpu`` without a CUDA GPU)."""
-
-
-def make_target(kind: str, llc_bytes: int | None) -> Target:
-    """The devices for ``--device cpu|gpu``; raises DeviceUnavailable if the GPU is missing."""
-    import torch
-
-    if kind == "gpu":
-        try:
-            jax_device = jax.devices("gpu")[0]
-        except RuntimeError:
-            jax_device = None
-        if jax_device is None or not torch.cuda.is_available():
-            raise DeviceUnavailable(
-                "benchmarks: --device gpu expected a CUDA GPU visible to jax and torch, got "
-                f"jax devices {jax.devices()} and torch.cuda.is_available() "
-                f"{torch.cuda.is_available()}"
-            )
-        props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        l2_bytes = getattr(props, "L2_cache_size", 0) or 50 * 2**20
-        return Target("gpu", jax_device, torch.device("cuda"), max(2 * l2_bytes, 128 * 2**20))
-    if kind != "cpu":
-        raise ValueError(f"benchmarks: --device expected cpu or gpu, got {kind!r}")
-    cache = llc_bytes or 32 * 2**20
-    return Target("cpu", jax.devices("cpu")[0], torch.device("cpu"), max(2 * cache, 64 * 2**20))
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-@dataclasses.dataclass
-class CaseData:
-    """The values every contender of a case computes on, on the host, in float32."""
-
-    x: np.ndarray
-    cotangent: np.ndarray
-    pool: int
-
-    @classmethod
-    def create(cls, case: Case, rotate_bytes: int, seed: int) -> CaseData:
-        rng = np.random.default_rng(seed)
-        # Logits of spread 3, as in the tests: exp() neither overflows nor flushes to zero.
-        x = rng.standard_normal(case.shape, dtype=np.float32) * np.float32(3.0)
-        cotangent = rng.standard_normal(case.shape, dtype=np.float32)
-        # One pool entry: the input, plus the cotangent and saved output for the backward.
-        entry_bytes = case.size * jnp.dtype(case.dtype).itemsize
-        if case.pass_ != "fwd":
-            entry_bytes *= 3
-        return cls(x, cotangent, pool_size(entry_bytes, rotate_bytes))
-
-
-def _jax_pool(host: np.ndarray, dtype: str, count: int, target: Target) -> list[jax.Array]:
-    base = jax.device_put(host, target.jax_device).astype(jnp.dtype(dtype))
-    # Explicit copies: device_put may alias host memory, and each entry needs its own buffer.
-    return [jnp.copy(base) for _ in range(count)]
-
-
-def _torch_pool(host: np.ndarray, dtype: str, count: int, target: Target) -> list[Any]:
-    import torch
-
-    base = torch.from_numpy(host).to(device=target.torch_device, dtype=torch_dtype(dtype))
-    return [base.clone() for _ in range(count)]
-
-
-def _jax_extra_bytes(jitted: Any, *args: Any) -> int | None:
-    """Outputs plus temporaries of a jitted call, from XLA's memory analysis of its executable."""
-    try:
-        stats = jitted.lower(*args).compile().memory_analysis()
-    except Exception:  # not every backend or version reports it
-        return None
-    if stats is None:
-        return None
-    return int(stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
-
-
-def _jax_sync(out: Any) -> None:
-    jax.block_until_ready(out)
-
-
-def jax_runner(name: str, case: Case, data: CaseData, target: Target) -> Runner:
-    """A JAX contender prepared for ``case``."""
-    function = jax_function(name, case.op, case.axis)
-    jitted = name != "jnp-naive"
-    xs = _jax_pool(data.x, case.dtype, data.pool, target)
-    measure_peak: Callable[[], int | None] | None
-    if case.pass_ == "fwd":
-        call = jax.jit(function) if jitted else function
-        inputs = Rotation(xs)
-
-        def step() -> Any:
-            return call(inputs.next())
-
-        measure_peak = partial(_jax_extra_bytes, call, xs[0]) if jitted else None
-    else:
-        cotangents = _jax_pool(data.cotangent, case.dtype, data.pool, target)
-        if case.pass_ == "bwd":
-            if jitted:
-                # Saved under jit, every pool entry's VJP has one tree structure; the jitted
-                # backward takes the residual arrays as arguments (not compiled constants) and
-                # rebuilds the VJP from that structure, so it traces once and its call is a
-                # plain array call.
-                save_vjp = jax.jit(partial(_saved_vjp, function))
-                vjps = [save_vjp(x) for x in xs]
-                structure = jax.tree_util.tree_structure(vjps[0])
-                backward: Callable[..., Any] = jax.jit(partial(_apply_flat_vjp, structure))
-                saved: list[tuple[Any, ...]] = [
-                    (jax.tree_util.tree_leaves(vjp), g)
-                    for vjp, g in zip(vjps, cotangents, strict=True)
-                ]
-                del vjps
-            else:
-                backward = _apply_vjp
-                saved = [(_saved_vjp(function, x), g) for x, g in zip(xs, cotangents, strict=True)]
-            del xs
-            entries = Rotation(saved)
-
-            def step() -> Any:
-                return backward(*entries.next())
-
-            measure_peak = partial(_jax_extra_bytes, backward, *saved[0]) if jitted else None
-        else:
-            fwd_bwd = partial(_forward_backward, function)
-            call_both: Callable[..., Any] = jax.jit(fwd_bwd) if jitted else fwd_bwd
-            pairs = Rotation(list(zip(xs, cotangents, strict=True)))
-
-            def step() -> Any:
-                return call_both(*pairs.next())
-
-            measure_peak = (
-                partial(_jax_extra_bytes, call_both, xs[0], cotangents[0]) if jitted else None
-            )
-    return Runner(name, step, _jax_sync, peak_probe=measure_peak, warmup_calls=data.pool)
-
-
-def _saved_vjp(function: Callable[[jax.Array], jax.Array], x: jax.Array) -> Any:
-    return jax.vjp(function, x)[1]
-
-
-def _apply_vjp(vjp_function: Any, cotangent: jax.Array) -> jax.Array:
-    return vjp_function(cotangent)[0]
-
-
-def _apply_flat_vjp(structure: Any, residuals: list[Any], cotangent: jax.Array) -> jax.Array:
-    return jax.tree_util.tree_unflatten(structure, residuals)(cotangent)[0]
-
-
-def _forward_backward(
-    function: Callable[[jax.Array], jax.Array], x: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    out, vjp_function = jax.vjp(function, x)
-    return out, vjp_function(cotangent)[0]
+        return partial(naive_softmax if op == "softmax" else naive_log_softmax, axis=axis)
+    module = {"jsoftmax": jsoftmax, "jax.nn": jax.nn}[name]
+    return partial(getattr(module, op), axis=axis)
 
 
 def torch_function(name: str, op: str, dim: int) -> Callable[[Any], Any]:
-    """The torch contender's callable (compiled afresh for each case under torch.compile)."""
     import torch
 
     base = torch.softmax if op == "softmax" else torch.log_softmax
@@ -244,15 +57,40 @@ def torch_function(name: str, op: str, dim: int) -> Callable[[Any], Any]:
     def eager(x: Any) -> Any:
         return base(x, dim)
 
-    if name == "torch":
-        return eager
     if name == "torch.compile":
-        # Static shapes: one specialised kernel per case, as a model with fixed shapes gets.
+        torch._dynamo.reset()  # fresh caches: no recompile limit, one kernel per case
         return torch.compile(eager, dynamic=False)
-    raise ValueError(f"benchmarks: contender expected a torch contender, got {name!r}")
+    return eager
 
 
-def _torch_sync(target: Target) -> Callable[[Any], None]:
+@dataclasses.dataclass
+class Target:
+    """Where a run executes, and how many bytes of inputs each framework rotates through."""
+
+    gpu: bool
+    jax_device: Any
+    torch_device: Any  # None without torch
+    rotate_bytes: int
+
+
+def make_target(device: str, has_torch: bool) -> Target:
+    """Raises RuntimeError with a clear message when ``device="gpu"`` has no CUDA GPU."""
+    torch = __import__("torch") if has_torch else None
+    if device == "gpu":
+        try:
+            jax_device = jax.devices("gpu")[0]
+        except RuntimeError:
+            jax_device = None
+        if jax_device is None or (torch is not None and not torch.cuda.is_available()):
+            raise RuntimeError(f"--device gpu expected a CUDA GPU, got {jax.devices()}")
+        l2 = 50 * 2**20
+        if torch is not None:
+            l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 0) or l2
+        return Target(True, jax_device, torch and torch.device("cuda"), max(2 * l2, 128 * 2**20))
+    return Target(False, jax.devices("cpu")[0], torch and torch.device("cpu"), 64 * 2**20)
+
+
+def torch_sync(target: Target) -> Callable[[Any], None]:
     if not target.gpu:
         return lambda out: None  # torch on CPU returns when the result is there
     import torch
@@ -260,102 +98,135 @@ def _torch_sync(target: Target) -> Callable[[Any], None]:
     return lambda out: torch.cuda.synchronize()
 
 
-def _torch_peak_probe(step: Callable[[], Any]) -> int | None:
-    """Extra CUDA memory one call allocates (outputs and temporaries) beyond what it starts with."""
-    import torch
+class Inputs:
+    """The values of one case, made once per framework: a pool of ``(x, cotangent)`` pairs."""
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = step()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return int(peak)
+    def __init__(self, case: Case, target: Target, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        # Logits of spread 3: exp() neither overflows nor flushes to zero.
+        self.x = rng.standard_normal(case.shape, dtype=np.float32) * np.float32(3.0)
+        self.g = rng.standard_normal(case.shape, dtype=np.float32)
+        entry = case.size * jnp.dtype(case.dtype).itemsize * (1 if case.pass_ == "fwd" else 3)
+        self.count = pool_size(entry, target.rotate_bytes)
+        self.case, self.target = case, target
+        self._pools: dict[str, list[tuple[Any, Any]]] = {}
+
+    def jax(self) -> list[tuple[jax.Array, jax.Array | None]]:
+        if "jax" not in self._pools:
+            put = partial(jax.device_put, device=self.target.jax_device)
+            x = put(self.x).astype(self.case.dtype)
+            g = None if self.case.pass_ == "fwd" else put(self.g).astype(self.case.dtype)
+            # Explicit copies: device_put may alias host memory, and each entry needs its own.
+            pool = [(jnp.copy(x), None if g is None else jnp.copy(g)) for _ in range(self.count)]
+            self._pools["jax"] = pool
+        return self._pools["jax"]
+
+    def torch(self) -> list[tuple[Any, Any]]:
+        if "torch" not in self._pools:
+            import torch
+
+            dtype, grad = getattr(torch, self.case.dtype), self.case.pass_ != "fwd"
+            x = torch.from_numpy(self.x).to(self.target.torch_device, dtype)
+            g = torch.from_numpy(self.g).to(self.target.torch_device, dtype) if grad else None
+            copies = [(x.clone(), None if g is None else g.clone()) for _ in range(self.count)]
+            self._pools["torch"] = [(x.requires_grad_(grad), g) for x, g in copies]
+        return self._pools["torch"]
 
 
-def torch_runner(name: str, case: Case, data: CaseData, target: Target) -> Runner:
-    """A torch contender prepared for ``case``."""
-    import torch
+def _jax_memory(jitted: Any, *args: Any) -> int | None:
+    """Outputs plus temporaries of a jitted call, from XLA's memory analysis."""
+    try:
+        stats = jitted.lower(*args).compile().memory_analysis()
+        return int(
+            stats.output_size_in_bytes + stats.temp_size_in_bytes - stats.alias_size_in_bytes
+        )
+    except Exception:  # not every backend reports it
+        return None
 
-    if name == "torch.compile":
-        torch._dynamo.reset()  # fresh caches: no recompile limit, no shape generalisation
-    function = torch_function(name, case.op, case.axis)
-    xs = _torch_pool(data.x, case.dtype, data.pool, target)
-    if case.pass_ == "fwd":
-        inputs = Rotation(xs)
 
-        def step() -> Any:
-            return function(inputs.next())
+def _vjp(function: Callable[..., Any], x: Any, g: Any) -> tuple[Any, Any]:
+    out, pullback = jax.vjp(function, x)
+    return out, pullback(g)[0]
 
+
+def jax_runner(name: str, case: Case, inputs: Inputs) -> Runner:
+    function = jax_function(name, case.op, case.axis)
+    jit = jax.jit if name != "jnp-naive" else (lambda f: f)
+    pairs = inputs.jax()
+    args: list[tuple[Any, ...]]
+    if case.pass_ == "bwd":
+        # Saved under jit, every pool entry's VJP has one tree structure, so the jitted backward
+        # takes the residual arrays as arguments and traces once.
+        vjps = [jit(lambda x: jax.vjp(function, x)[1])(x) for x, _ in pairs]
+        tree = jax.tree_util.tree_structure(vjps[0])
+        call = jit(lambda leaves, g: jax.tree_util.tree_unflatten(tree, leaves)(g)[0])
+        args = [
+            (jax.tree_util.tree_leaves(vjp), g) for vjp, (_, g) in zip(vjps, pairs, strict=True)
+        ]
+    elif case.pass_ == "fwd":
+        call, args = jit(function), [(x,) for x, _ in pairs]
     else:
-        cotangents = _torch_pool(data.cotangent, case.dtype, data.pool, target)
-        for x in xs:
-            x.requires_grad_(True)
-        if case.pass_ == "bwd":
-            saved = Rotation([(function(x), x, g) for x, g in zip(xs, cotangents, strict=True)])
-
-            def step() -> Any:
-                out, x, g = saved.next()
-                return torch.autograd.grad(out, x, g, retain_graph=True)
-
-        else:
-            pairs = Rotation(list(zip(xs, cotangents, strict=True)))
-
-            def step() -> Any:
-                x, g = pairs.next()
-                out = function(x)
-                return out, torch.autograd.grad(out, x, g)[0]
-
-    probe = partial(_torch_peak_probe, step) if target.gpu else None
+        call, args = jit(partial(_vjp, function)), pairs
+    rotation = Rotation(args)
+    extra = {}
+    if name != "jnp-naive" and case.dtype == "float32" and case.shape in HEADLINE_SHAPES:
+        extra["peak_extra_bytes"] = _jax_memory(call, *args[0])
     return Runner(
-        name,
-        step,
-        _torch_sync(target),
-        cuda_events=target.gpu,
-        peak_probe=probe,
-        warmup_calls=data.pool,
+        name, lambda: call(*rotation.next()), jax.block_until_ready, False, len(args), extra
     )
 
 
-def copy_runner(name: str, case: Case, data: CaseData, target: Target) -> Runner:
-    """A device copy of the case's input: the bandwidth reference of the same run.
+def torch_runner(name: str, case: Case, inputs: Inputs) -> Runner:
+    import torch
+
+    function = torch_function(name, case.op, case.axis)
+    pairs = inputs.torch()
+    if case.pass_ == "fwd":
+        rotation = Rotation([x for x, _ in pairs])
+        step: Callable[[], Any] = lambda: function(rotation.next())  # noqa: E731
+    elif case.pass_ == "bwd":
+        saved = Rotation([(function(x), x, g) for x, g in pairs])
+
+        def step() -> Any:
+            out, x, g = saved.next()
+            return torch.autograd.grad(out, x, g, retain_graph=True)
+
+    else:
+        rotation = Rotation(pairs)
+
+        def step() -> Any:
+            x, g = rotation.next()
+            out = function(x)
+            return out, torch.autograd.grad(out, x, g)[0]
+
+    return Runner(name, step, torch_sync(inputs.target), inputs.target.gpu, len(pairs))
+
+
+def copy_runner(name: str, case: Case, inputs: Inputs) -> Runner:
+    """A device copy of the input: the bandwidth reference of the same run (2 x size bytes).
 
     ``copy:torch`` is ``dst.copy_(src)`` into a preallocated tensor; ``copy:jax`` negates into
-    the donated input buffer (in place, so no fresh pages are touched). Both read and write the
-    input's size once: 2 x size bytes.
+    the donated input buffer, in place, so neither touches fresh pages.
     """
     if name == "copy:torch":
-        # Source and destination both rotate: half as many pairs cover the same bytes.
-        sources = _torch_pool(data.x, case.dtype, max(1, data.pool // 2), target)
-        pairs = Rotation([(src, src.clone()) for src in sources])
+        pairs = Rotation([(x.detach(), x.detach().clone()) for x, _ in inputs.torch()])
+        step = lambda: (lambda src, dst: dst.copy_(src))(*pairs.next())  # noqa: E731
+        return Runner(name, step, torch_sync(inputs.target), inputs.target.gpu, inputs.count)
+    negate = jax.jit(jnp.negative, donate_argnums=0)
+    buffers = [jnp.copy(x) for x, _ in inputs.jax()]
+    index = [-1]
 
-        def step() -> Any:
-            src, dst = pairs.next()
-            return dst.copy_(src)
+    def donate() -> Any:
+        index[0] = (index[0] + 1) % len(buffers)
+        buffers[index[0]] = negate(buffers[index[0]])
+        return buffers[index[0]]
 
-        runner = Runner(
-            name, step, _torch_sync(target), cuda_events=target.gpu, warmup_calls=data.pool
-        )
-    elif name == "copy:jax":
-        negate = jax.jit(jnp.negative, donate_argnums=0)
-        buffers = Rotation(_jax_pool(data.x, case.dtype, data.pool, target))
-
-        def step() -> Any:
-            out = negate(buffers.next())
-            buffers.replace_current(out)
-            return out
-
-        runner = Runner(name, step, _jax_sync, warmup_calls=data.pool)
-    else:
-        raise ValueError(f"benchmarks: copy row expected copy:torch or copy:jax, got {name!r}")
-    return runner
+    return Runner(name, donate, jax.block_until_ready, False, len(buffers))
 
 
-def make_runner(name: str, case: Case, data: CaseData, target: Target) -> Runner:
-    """The runner for a contender or copy row."""
+def make_runner(name: str, case: Case, inputs: Inputs) -> Runner:
     if name.startswith("copy:"):
-        return copy_runner(name, case, data, target)
-    if name in ("torch", "torch.compile"):
-        return torch_runner(name, case, data, target)
-    return jax_runner(name, case, data, target)
+        return copy_runner(name, case, inputs)
+    if name.startswith("torch"):
+        return torch_runner(name, case, inputs)
+    return jax_runner(name, case, inputs)

@@ -1,863 +1,492 @@
-"""Derived figures (ratios, % of copy, headline) and the report's files: markdown, JSON, CSV."""
+"""The machine a run measured, the figures derived from its rows, and its files.
+
+One table formatter, :func:`pivot`, lays out every section: a row per case, a column per
+contender, and jsoftmax's ratio to the fastest other contender. Imports nothing heavy.
+"""
 
 from __future__ import annotations
 
 import csv
+import datetime
 import json
 import math
+import os
+import platform
+import resource
+import subprocess
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ._config import (
-    CONTENDERS,
-    COPY_ROWS,
-    DTYPE_SHORT,
-    HEADLINE_DTYPE,
-    HEADLINE_PASSES,
-    HEADLINE_SHAPES,
-    OPS,
-    PASSES,
-    RunConfig,
-    shape_label,
-)
-from ._environment import describe_kernel, format_environment
+from ._plan import CONTENDERS, COPIES, HEADLINE_SHAPES, OPS, PASSES, SHORT, shape_label
 
-CSV_COLUMNS = (
-    "op",
-    "shape",
-    "axis",
-    "row_length",
-    "dtype",
-    "pass",
-    "contender",
-    "median_s",
-    "p20_s",
-    "p80_s",
-    "rounds",
-    "inner",
-    "gbps",
-    "copy_gbps",
-    "pct_of_copy",
-    "best_other",
-    "ratio_to_best_other",
-    "first_call_s",
-    "compile_s",
-    "peak_extra_bytes",
-    "model_bytes",
-    "suites",
-)
+Row = dict[str, Any]
+TITLES = {
+    "timing": "Timings",
+    "accuracy": "Accuracy",
+    "conversion": "Interop: conversions",
+    "interop": "Interop: jsoftmax.interop on torch tensors",
+    "overhead": "Per-call overhead",
+    "cross_entropy": "Cross-entropy",
+    "loss_accuracy": "Cross-entropy: the loss's relative error against float64",
+    "plain": "Plain harness: one fixed input, medians of 7",
+    "steps": "Jitted steps",
+}
 
 
-def _case_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["op"], tuple(row["shape"]), row["axis"], row["dtype"], row["pass"])
+def _proc(path: str, key: str) -> str:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
 
 
-def geometric_mean(values: Iterable[float]) -> float:
-    """Geometric mean (nan for no values).
+def describe(device: str, malloc: str) -> dict[str, Any]:
+    """Everything about the machine and software worth recording next to a figure."""
+    import jax
+    import numpy as np
 
-    >>> round(geometric_mean([0.5, 2.0, 1.0]), 6)
+    import jsoftmax
+
+    git = ["git", "describe", "--always", "--dirty"]
+    try:
+        revision = subprocess.run(git, cwd=Path(__file__).parent, capture_output=True, text=True)
+    except OSError:
+        revision = None
+    memory = _proc("/proc/meminfo", "MemTotal")
+    info: dict[str, Any] = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "cpu": _proc("/proc/cpuinfo", "model name") or platform.processor(),
+        "cpu_vector_flags": [
+            f
+            for f in ("avx2", "avx512f", "amx_tile")
+            if f in _proc("/proc/cpuinfo", "flags").split()
+        ],
+        "usable_cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(int(memory.split()[0]) / 2**20, 1) if memory else None,
+        "load_average_start": [round(v, 2) for v in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "jsoftmax": jsoftmax.__version__,
+        "git_revision": revision and revision.stdout.strip(),
+        "jax_devices": [str(d) for d in jax.devices()],
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "malloc": malloc,
+    }
+    kernel_info = getattr(jsoftmax, "cpu_kernel_info", None)  # builds the kernels now, untimed
+    info["jsoftmax_cpu_kernel"] = kernel_info() if kernel_info else None
+    try:
+        import torch
+    except ImportError:
+        return info
+    info |= {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    if device == "gpu":
+        gpu = torch.cuda.get_device_properties(0)
+        info |= {
+            "gpu": gpu.name,
+            "gpu_gib": round(gpu.total_memory / 2**30),
+            "cuda": torch.version.cuda,
+        }
+    return info
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def format_environment(info: dict[str, Any]) -> str:
+    kernel = info.get("jsoftmax_cpu_kernel") or {}
+    lines = [
+        f"date: {info['date_utc']}; device: {info['device']}",
+        f"CPU: {info['cpu']}, {info['usable_cores']} usable cores, {info['memory_gib']} GiB, "
+        + (" ".join(info["cpu_vector_flags"]) or "no AVX2"),
+        f"GPU: {info['gpu']}, {info['gpu_gib']} GiB, CUDA {info['cuda']}"
+        if info.get("gpu")
+        else "",
+        f"software: Python {info['python']}, jax {info['jax']}, torch {info.get('torch', '-')}, "
+        f"numpy {info['numpy']}, jsoftmax {info['jsoftmax']} at {info['git_revision'] or '?'}",
+        f"threads: XLA every usable core, torch {info.get('torch_threads', '-')}; "
+        f"malloc: {info['malloc']}; XLA_FLAGS={info['XLA_FLAGS'] or '(unset)'}",
+        f"jsoftmax CPU kernels: mode {kernel.get('mode', '-')}, "
+        f"available {kernel.get('available', '-')}",
+        f"load average at start {info['load_average_start']}, "
+        f"at end {info.get('load_average_end', '-')}",
+    ]
+    return "\n".join(f"- {line}" for line in lines if line)
+
+
+def busy_warning(info: dict[str, Any]) -> str | None:
+    """A warning when other processes shared the CPU during the run.
+
+    >>> busy_warning({"usable_cores": 2, "load_average_start": [3.1, 2, 1]})[:30]
+    'Warning: load average 3.1 on 2'
+    """
+    cores = info["usable_cores"]
+    start, end = info["load_average_start"][0], info.get("load_average_end", [0])[0]
+    if start < 0.5 * cores and end < cores + 0.5:  # the run itself keeps every core busy
+        return None
+    return (
+        f"Warning: load average {max(start, end):.1f} on {cores} cores: other processes shared "
+        "the CPU during this run; spreads widen and small-shape timings are unreliable."
+    )
+
+
+def geomean(values: Iterable[float]) -> float:
+    """
+    >>> round(geomean([0.5, 2.0, 1.0]), 6)
     1.0
     """
-    logs = [math.log(value) for value in values]
+    logs = [math.log(v) for v in values]
     return math.exp(sum(logs) / len(logs)) if logs else math.nan
 
 
-def annotate_rows(rows: list[dict[str, Any]]) -> None:
-    """Adds ``best_other``, ``ratio_to_best_other``, ``copy_gbps`` and ``pct_of_copy`` in place.
+def annotate(rows: list[Row]) -> None:
+    """Adds ``best_other`` and ``ratio_to_best_other`` to every timed contender row and, to
+    timing rows, ``copy_gbps`` (the faster copy of the shape and dtype) and ``pct_of_copy``.
 
-    The ratio compares a contender with the fastest *other* contender of the same case (copy
-    rows excluded); the copy bandwidth of a (shape, dtype) is the faster of its two copy rows.
-
-    >>> rows = [
-    ...     {"op": "softmax", "shape": [2, 8], "axis": 1, "dtype": "float32", "pass": "fwd",
-    ...      "contender": name, "median_s": seconds, "gbps": gbps}
-    ...     for name, seconds, gbps in [("jsoftmax", 2.0, 1.0), ("torch", 1.0, 2.0),
-    ...                                 ("copy:torch", 0.5, 4.0)]]
-    >>> annotate_rows(rows)
+    >>> rows = [{"section": "timing", "case": "c", "shape": [2], "dtype": "f", "contender": n,
+    ...          "median_s": s, "gbps": b} for n, s, b in [("jsoftmax", 2.0, 1.0),
+    ...          ("torch", 1.0, 2.0), ("copy:jax", 0.5, 4.0)]]
+    >>> rows.append({"section": "timing", "case": "c", "contender": "jax.nn", "error": "E"})
+    >>> annotate(rows)
     >>> rows[0]["best_other"], rows[0]["ratio_to_best_other"], rows[0]["pct_of_copy"]
     ('torch', 2.0, 25.0)
     """
-    by_case: dict[tuple[Any, ...], list[dict[str, Any]]] = defaultdict(list)
-    copy_gbps: dict[tuple[Any, ...], float] = {}
+    groups: dict[tuple[str, str], list[Row]] = defaultdict(list)
+    copies: dict[tuple[Any, ...], float] = {}
     for row in rows:
-        by_case[_case_key(row)].append(row)
-        if row["contender"] in COPY_ROWS:
+        if "median_s" in row and row["contender"] in COPIES:
             key = (tuple(row["shape"]), row["dtype"])
-            copy_gbps[key] = max(copy_gbps.get(key, 0.0), row["gbps"])
-    for case_rows in by_case.values():
-        contenders = [row for row in case_rows if row["contender"] not in COPY_ROWS]
-        for row in case_rows:
-            others = [other for other in contenders if other is not row]
-            if others and row["contender"] not in COPY_ROWS:
-                best = min(others, key=lambda other: other["median_s"])
-                row["best_other"] = best["contender"]
-                row["ratio_to_best_other"] = row["median_s"] / best["median_s"]
-            else:
-                row["best_other"] = None
-                row["ratio_to_best_other"] = None
-            reference = copy_gbps.get((tuple(row["shape"]), row["dtype"]))
-            row["copy_gbps"] = reference
-            row["pct_of_copy"] = 100.0 * row["gbps"] / reference if reference else None
+            copies[key] = max(copies.get(key, 0.0), row["gbps"])
+        elif "median_s" in row:
+            groups[(row["section"], row["case"])].append(row)
+    for group in groups.values():
+        for row in group:
+            best = min(
+                (r for r in group if r is not row), key=lambda r: r["median_s"], default=None
+            )
+            row["best_other"] = best and best["contender"]
+            row["ratio_to_best_other"] = best and row["median_s"] / best["median_s"]
+            if "gbps" in row:
+                row["copy_gbps"] = copies.get((tuple(row["shape"]), row["dtype"]))
+                row["pct_of_copy"] = row["copy_gbps"] and 100 * row["gbps"] / row["copy_gbps"]
 
 
-def headline_ratios(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Geometric-mean time ratio jsoftmax / best other contender over the headline shapes.
-
-    One entry per (op, pass) for float32, last axis; below 1 means jsoftmax is faster. Shapes
-    that were not measured are left out and ``shapes_measured`` says how many remain.
-    """
-    entries = []
-    for op in OPS:
-        for pass_ in HEADLINE_PASSES:
-            per_shape = []
-            for shape in HEADLINE_SHAPES:
-                matching = [
-                    row
-                    for row in rows
-                    if row["op"] == op
-                    and row["pass"] == pass_
-                    and row["dtype"] == HEADLINE_DTYPE
-                    and tuple(row["shape"]) == shape
-                    and row["axis"] == len(shape) - 1
-                    and row["contender"] == "jsoftmax"
-                    and row.get("ratio_to_best_other") is not None
-                ]
-                if not matching:
-                    continue
-                row = matching[0]
-                per_shape.append(
-                    {
-                        "shape": list(shape),
-                        "jsoftmax_s": row["median_s"],
-                        "best_other": row["best_other"],
-                        "best_other_s": row["median_s"] / row["ratio_to_best_other"],
-                        "ratio": row["ratio_to_best_other"],
-                    }
-                )
-            if per_shape:
-                entries.append(
-                    {
-                        "op": op,
-                        "pass": pass_,
-                        "dtype": HEADLINE_DTYPE,
-                        "geomean_ratio": geometric_mean(item["ratio"] for item in per_shape),
-                        "shapes_measured": len(per_shape),
-                        "per_shape": per_shape,
-                    }
-                )
-    return {
-        "definition": "geometric mean over the headline shapes of (jsoftmax median time) / "
-        "(median time of the fastest other contender); below 1 means jsoftmax is faster",
-        "shapes": [list(shape) for shape in HEADLINE_SHAPES],
-        "entries": entries,
-    }
-
-
-def ratio_summary(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Geometric-mean ratio jsoftmax / best other per (op, dtype, pass) over every measured case.
-
-    The headline covers five fixed shapes; this covers whatever a run measured (``--shapes``).
-    """
-    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+def summary(rows: list[Row], headline_only: bool) -> list[Row]:
+    """jsoftmax's geometric-mean ratio to the fastest other contender per section, op, dtype
+    and pass: over the float32 headline shapes, or over every measured case."""
+    groups: dict[tuple[str, ...], list[Row]] = defaultdict(list)
     for row in rows:
-        if row["contender"] == "jsoftmax" and row.get("ratio_to_best_other") is not None:
-            groups[(row["op"], row["dtype"], row["pass"])].append(row["ratio_to_best_other"])
-    dtype_order = {"float32": 0, "bfloat16": 1, "float16": 2}
+        if row["section"] not in ("timing", "plain") or not row.get("ratio_to_best_other"):
+            continue
+        shape = tuple(row["shape"])
+        headline = shape in HEADLINE_SHAPES and row["axis"] == len(shape) - 1
+        if row["contender"] == "jsoftmax" and not (headline_only and row["dtype"] != "float32"):
+            if headline or not headline_only:
+                groups[(row["section"], row["op"], row["dtype"], row["pass"])].append(row)
+    rank = {
+        name: index for index, name in enumerate(("timing", "plain", *OPS, *SHORT, *PASSES, "grad"))
+    }
     return [
         {
-            "op": op,
-            "dtype": dtype,
-            "pass": pass_,
-            "geomean_ratio": geometric_mean(ratios),
-            "cases": len(ratios),
-        }
-        for (op, dtype, pass_), ratios in sorted(
-            groups.items(),
-            key=lambda item: (
-                OPS.index(item[0][0]),
-                dtype_order.get(item[0][1], 9),
-                PASSES.index(item[0][2]),
+            "section": key[0],
+            "op": key[1],
+            "dtype": key[2],
+            "pass": key[3],
+            "geomean_ratio": geomean(row["ratio_to_best_other"] for row in groups[key]),
+            "cases": len(groups[key]),
+            "per_case": "; ".join(
+                f"{shape_label(r['shape'])} {r['ratio_to_best_other']:.2f} vs {r['best_other']}"
+                for r in groups[key]
             ),
-        )
+        }
+        for key in sorted(groups, key=lambda key: [rank[part] for part in key])
     ]
 
 
-def format_ratio_summary(summary: Sequence[dict[str, Any]] | None) -> str:
-    if not summary:
-        return ""
-    body = [
-        [
-            entry["op"],
-            DTYPE_SHORT.get(entry["dtype"], entry["dtype"]),
-            entry["pass"],
-            f"{entry['geomean_ratio']:.2f}x",
-            str(entry["cases"]),
-        ]
-        for entry in summary
-    ]
-    return "All measured cases, jsoftmax time / best other contender (geometric mean):\n\n" + (
-        _table(["op", "dtype", "pass", "geomean ratio", "cases"], body)
-    )
-
-
-def config_summary(config: RunConfig, target: Any) -> dict[str, Any]:
-    return {
-        "device": config.device,
-        "quick": config.quick,
-        "dtypes": list(config.resolved_dtypes()),
-        "ops": list(config.ops),
-        "passes": list(config.passes),
-        "shapes": None if config.shapes is None else [list(shape) for shape in config.shapes],
-        "suites": None if config.suites is None else list(config.suites),
-        "contenders": list(config.resolved_contenders()),
-        "sections": list(config.sections),
-        "torch_compile": config.use_torch_compile(),
-        "case_budget_s": config.case_budget_s(),
-        "rounds": [config.min_rounds(), config.max_rounds()],
-        "rotate_bytes": target.rotate_bytes,
-        "seed": config.seed,
-        "command": config.command,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# formatting
-
-
-def format_seconds(seconds: float | None) -> str:
-    """A time with a unit that keeps 3 significant digits.
-
-    >>> format_seconds(2.5e-5), format_seconds(0.0241), format_seconds(1.5)
+def seconds(value: float) -> str:
+    """
+    >>> seconds(2.5e-5), seconds(0.0241), seconds(1.5)
     ('25.0 us', '24.1 ms', '1.50 s')
     """
-    if seconds is None or not math.isfinite(seconds):
-        return "n/a"
-    if seconds >= 1.0:
-        value, unit = seconds, "s"
-    elif seconds >= 1e-3:
-        value, unit = seconds * 1e3, "ms"
-    else:
-        value, unit = seconds * 1e6, "us"
-    return f"{f'{value:#.3g}'.rstrip('.')} {unit}"
-
-
-def _spread(row: dict[str, Any]) -> str:
-    return f"{format_seconds(row['median_s'])} [{format_seconds(row['p20_s'])}, " + (
-        f"{format_seconds(row['p80_s'])}]"
+    scaled, unit = (
+        (value, "s")
+        if value >= 1
+        else (value * 1e3, "ms")
+        if value >= 1e-3
+        else (value * 1e6, "us")
     )
+    return f"{f'{scaled:#.3g}'.rstrip('.')} {unit}"
 
 
-def _table(header: Sequence[str], body: Iterable[Sequence[str]]) -> str:
+def spread(row: Row) -> str:
+    return f"{seconds(row['median_s'])} [{seconds(row['p20_s'])}, {seconds(row['p80_s'])}]"
+
+
+def markdown_table(header: list[str], body: Iterable[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return "\n".join(lines)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
 
 
-def format_headline(headline: dict[str, Any] | None) -> str:
-    if not headline or not headline.get("entries"):
-        return "Headline ratios: not measured (no float32 headline shapes in this run)."
-    shapes = ", ".join(shape_label(shape) for shape in headline["shapes"])
-    lines = [
-        f"Headline: jsoftmax time / best other contender, float32, geometric mean over {shapes}"
-        " (below 1: jsoftmax is faster)",
-        "",
-    ]
-    body = []
-    for entry in headline["entries"]:
-        details = "; ".join(
-            f"{shape_label(item['shape'])} {item['ratio']:.2f} vs {item['best_other']}"
-            for item in entry["per_shape"]
-        )
-        body.append(
-            [
-                entry["op"],
-                entry["pass"],
-                f"**{entry['geomean_ratio']:.2f}x**",
-                str(entry["shapes_measured"]),
-                details,
-            ]
-        )
-    lines.append(_table(["op", "pass", "geomean ratio", "shapes", "per shape"], body))
-    return "\n".join(lines)
+def pivot(rows: list[Row], cell: Callable[[Row], str], ratio: bool = True) -> str:
+    """A row per case, a column per contender; ``cell`` formats a measured row, a failed one
+    reads "failed", a missing one "-"; with ``ratio``, jsoftmax's time over the best other's.
 
-
-def _ordered_contenders(names: Iterable[str]) -> list[str]:
-    present = set(names)
-    known = [name for name in (*CONTENDERS, *COPY_ROWS) if name in present]
-    return known + sorted(present - set(known))
-
-
-def format_timing_tables(rows: Sequence[dict[str, Any]]) -> str:
-    """Per (op, dtype, pass): times with spreads, then bandwidth as GB/s and % of copy."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        groups[(row["op"], row["dtype"], row["pass"])].append(row)
-    sections = []
-    dtype_order = {"float32": 0, "bfloat16": 1, "float16": 2}
-    for op, dtype, pass_ in sorted(
-        groups,
-        key=lambda key: (OPS.index(key[0]), dtype_order.get(key[1], 9), PASSES.index(key[2])),
-    ):
-        group = groups[(op, dtype, pass_)]
-        contenders = _ordered_contenders(
-            row["contender"] for row in group if row["contender"] not in COPY_ROWS
-        )
-        cases: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-        for row in group:
-            cases.setdefault((tuple(row["shape"]), row["axis"]), {})[row["contender"]] = row
-        time_body = []
-        bandwidth_body = []
-        for (shape, axis), by_name in cases.items():
-            label = shape_label(shape, axis)
-            jsoftmax_row = by_name.get("jsoftmax")
-            ratio = (
-                f"{jsoftmax_row['ratio_to_best_other']:.2f} ({jsoftmax_row['best_other']})"
-                if jsoftmax_row and jsoftmax_row.get("ratio_to_best_other")
-                else "n/a"
-            )
-            time_body.append(
-                [label]
-                + [_spread(by_name[name]) if name in by_name else "-" for name in contenders]
-                + [ratio]
-            )
-            copy_gbps = next(
-                (row["copy_gbps"] for row in by_name.values() if row.get("copy_gbps")), None
-            )
-            bandwidth_body.append(
-                [label]
-                + [
-                    (
-                        f"{by_name[name]['gbps']:.1f} ({by_name[name]['pct_of_copy']:.0f}%)"
-                        if name in by_name and by_name[name].get("pct_of_copy") is not None
-                        else (f"{by_name[name]['gbps']:.1f}" if name in by_name else "-")
-                    )
-                    for name in contenders
-                ]
-                + [f"{copy_gbps:.1f}" if copy_gbps else "n/a"]
-            )
-        title = f"### {op} · {dtype} · {pass_}"
-        sections.append(
-            "\n\n".join(
-                [
-                    title,
-                    "Time per call, median [p20, p80]:",
-                    _table(["shape", *contenders, "jsoftmax / best other"], time_body),
-                    "Effective bandwidth, GB/s (% of the copy bandwidth measured in the same run):",
-                    _table(["shape", *contenders, "copy GB/s"], bandwidth_body),
-                ]
-            )
-        )
-    return "\n\n".join(sections)
-
-
-def format_compile_memory(rows: Sequence[dict[str, Any]]) -> str:
-    """Compile time and extra memory for the float32 headline shapes."""
-    selected = [
-        row
-        for row in rows
-        if row["dtype"] == HEADLINE_DTYPE
-        and tuple(row["shape"]) in HEADLINE_SHAPES
-        and row["contender"] not in COPY_ROWS
-    ]
-    if not selected:
-        return ""
-    contenders = _ordered_contenders(row["contender"] for row in selected)
-    cases: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    for row in selected:
-        cases.setdefault((row["op"], row["pass"], tuple(row["shape"])), {})[row["contender"]] = row
-
-    def cell(row: dict[str, Any] | None) -> str:
-        if row is None:
-            return "-"
-        memory = row.get("peak_extra_bytes")
-        memory_text = f"{memory / 2**20:.3g} MiB" if memory is not None else "n/a"
-        return f"{row['compile_s']:.2f} s / {memory_text}"
-
-    body = [
-        [op, pass_, shape_label(shape)] + [cell(by_name.get(name)) for name in contenders]
-        for (op, pass_, shape), by_name in cases.items()
-    ]
-    return _table(["op", "pass", "shape", *contenders], body)
-
-
-def _format_error(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    return "inf" if math.isinf(value) else f"{value:.2e}"
-
-
-def format_accuracy(rows: Sequence[dict[str, Any]] | None) -> str:
-    if not rows:
-        return ""
-    floors = {(row["dtype"], row["op"]): row for row in rows if row["contender"] == "floor"}
-    body = []
-    for row in rows:
-        floor = floors.get((row["dtype"], row["op"]))
-        times_floor = "n/a"
-        if row["max_rel_error"] is not None and floor and floor["max_rel_error"]:
-            times_floor = f"{row['max_rel_error'] / floor['max_rel_error']:.2f}"
-        body.append(
-            [
-                DTYPE_SHORT.get(row["dtype"], row["dtype"]),
-                row["op"],
-                row["contender"],
-                _format_error(row["max_rel_error"]),
-                _format_error(row["median_rel_error"]),
-                times_floor,
-                _format_error(row["grad_normwise_error"]),
-                row.get("note", ""),
-            ]
-        )
-    return _table(
-        [
-            "dtype",
-            "op",
-            "contender",
-            "max rel. error",
-            "median rel. error",
-            "max / floor",
-            "gradient error (normwise)",
-            "note",
-        ],
-        body,
-    )
-
-
-def format_interop(interop: dict[str, Any] | None) -> str:
-    if not interop:
-        return ""
-    if "skipped" in interop:
-        return f"Skipped: {interop['skipped']}"
-    parts = []
-    conversions = [row for row in interop["conversions"] if "median_s" in row]
-    if conversions:
-        functions = list(dict.fromkeys(row["function"] for row in conversions))
-        by_size: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
-        for row in conversions:
-            by_size[row["elements"]][row["function"]] = row
-        body = [
-            [f"2^{int(math.log2(elements))} ({elements * 4 / 2**20:.3g} MiB)"]
-            + [_spread(cells[name]) if name in cells else "-" for name in functions]
-            for elements, cells in by_size.items()
-        ]
-        parts.append("Conversion time per call, float32, median [p20, p80]:")
-        parts.append(_table(["elements", *functions], body))
-    bridged = [row for row in interop["softmax"] if "median_s" in row]
-    if bridged:
-        cases: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
-        for row in bridged:
-            cases[(row["op"], tuple(row["shape"]), row["pass"])][row["function"]] = row
-        body = []
-        for (op, shape, pass_), cells in cases.items():
-            interop_row = cells.get("jsoftmax.interop")
-            body.append(
-                [
-                    op,
-                    shape_label(shape),
-                    pass_,
-                    _spread(interop_row) if interop_row else "-",
-                    _spread(cells["torch"]) if "torch" in cells else "-",
-                    f"{interop_row['ratio_to_torch']:.2f}"
-                    if interop_row and interop_row.get("ratio_to_torch")
-                    else "n/a",
-                ]
-            )
-        parts.append("jsoftmax.interop on torch tensors against torch, float32:")
-        parts.append(
-            _table(["op", "shape", "pass", "jsoftmax.interop", "torch", "interop / torch"], body)
-        )
-    failures = [
-        row
-        for group in interop.values()
-        if isinstance(group, list)
-        for row in group
-        if row.get("note")
-    ]
-    for row in failures:
-        parts.append(f"- {row['function']} failed: {row['note']}")
-    return "\n\n".join(parts)
-
-
-def format_overhead(rows: Sequence[dict[str, Any]] | None) -> str:
-    if not rows:
-        return ""
-    body = [
-        [row["call"], _spread(row) if "median_s" in row else f"failed: {row['note']}"]
-        for row in rows
-    ]
-    return _table(["call (8x128 float32)", "time per call, median [p20, p80]"], body)
-
-
-def format_cross_entropy(section: dict[str, Any] | None) -> str:
-    if not section:
-        return ""
-    if "skipped" in section:
-        return f"Skipped: {section['skipped']}"
-    rows = section.get("timings", [])
-    if not rows:
-        return "No cross-entropy timings."
-    contenders = list(dict.fromkeys(row["contender"] for row in rows))
-    cases: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = defaultdict(dict)
-    for row in rows:
-        cases[(tuple(row["shape"]), row["dtype"], row["pass"])][row["contender"]] = row
-    body = [
-        [shape_label(shape), DTYPE_SHORT.get(dtype, dtype), pass_]
-        + [_spread(cells[name]) if name in cells else "-" for name in contenders]
-        for (shape, dtype, pass_), cells in cases.items()
-    ]
-    text = _table(["logits", "dtype", "pass", *contenders], body)
-    accuracy = section.get("accuracy", [])
-    if accuracy:
-        text += "\n\nLoss relative error against float64:\n\n" + _table(
-            ["contender", "dtype", "relative error"],
-            [[row["contender"], row["dtype"], _format_error(row["rel_error"])] for row in accuracy],
-        )
-    return text
-
-
-def busy_machine_warning(environment: dict[str, Any]) -> str | None:
-    """A warning when other processes kept the CPU busy during the run, else None.
-
-    >>> busy_machine_warning({"usable_cores": 2, "load_average_start": [3.1, 2.0, 1.0],
-    ...                       "load_average_end": [0.2, 0.5, 1.0]})[:37]
-    'Warning: load average 3.1 on 2 cores:'
+    >>> rows = [{"case": "a", "contender": "torch", "x": 1},
+    ...         {"case": "a", "contender": "jsoftmax", "error": "E"}]
+    >>> print(pivot(rows, lambda row: str(row["x"])))
+    | case | jsoftmax | torch | jsoftmax / best other |
+    |---|---|---|---|
+    | a | failed | 1 | n/a |
     """
-    cores = environment.get("usable_cores") or 1
-    start = (environment.get("load_average_start") or [0.0])[0]
-    # The run itself keeps up to all usable cores busy: only load beyond that is someone else's.
-    end = (environment.get("load_average_end") or [0.0])[0]
-    if start < 0.5 * cores and end < cores + 0.5:
-        return None
-    busiest = max(start, end)
+    present = set(row["contender"] for row in rows)
+    known = [name for name in (*CONTENDERS, *COPIES) if name in present]
+    names = known + [
+        name for name in dict.fromkeys(r["contender"] for r in rows) if name not in known
+    ]
+    cases: dict[str, dict[str, Row]] = defaultdict(dict)
+    for row in rows:
+        cases[row["case"]][row["contender"]] = row
+    ratio = ratio and "jsoftmax" in names
+    body = []
+    for case, by_name in cases.items():
+        cells = [case] + [
+            "-" if n not in by_name else "failed" if "error" in by_name[n] else cell(by_name[n])
+            for n in names
+        ]
+        mine = by_name.get("jsoftmax", {})
+        best = (
+            f"{mine['ratio_to_best_other']:.2f} ({mine['best_other']})"
+            if mine.get("ratio_to_best_other")
+            else "n/a"
+        )
+        body.append(cells + [best] * ratio)
+    return markdown_table(["case", *names] + ["jsoftmax / best other"] * ratio, body)
+
+
+def _bandwidth(row: Row) -> str:
+    share = row.get("pct_of_copy") and row["contender"] not in COPIES
+    return f"{row['gbps']:.1f}" + (f" ({row['pct_of_copy']:.0f}%)" if share else "")
+
+
+def _compile(row: Row) -> str:
+    memory = row.get("peak_extra_bytes")
+    return f"{row['compile_s']:.2f} s" + (f" / {memory / 2**20:.3g} MiB" if memory else "")
+
+
+def format_section(section: str, rows: list[Row]) -> str:
+    if section == "timing":
+        headline = [
+            r for r in rows if tuple(r["shape"]) in HEADLINE_SHAPES and r["dtype"] == "float32"
+        ]
+        return "\n\n".join(
+            [
+                "Time per call, median [p20, p80]; JAX contenders under jax.jit (jnp-naive op by "
+                "op), "
+                "torch eager or compiled; compilation and warm-up excluded:",
+                pivot(rows, spread),
+                "Effective bandwidth, GB/s (the bytes a pass must move: forward 2x the input, "
+                "backward "
+                "3x, both 5x), and % of the copy bandwidth measured in the same run:",
+                pivot(rows, _bandwidth, ratio=False),
+                "First call beyond a steady one (compilation), and for jitted JAX the memory a "
+                "call "
+                "adds (XLA's memory analysis), float32 headline shapes:",
+                pivot([r for r in headline if r["contender"] not in COPIES], _compile, ratio=False),
+            ]
+        )
+    if section == "accuracy":
+        floors = {row["case"]: row["max_rel_error"] for row in rows if row["contender"] == "floor"}
+
+        def times_floor(row: Row) -> str:
+            return f"{row['max_rel_error']:.2e} ({row['max_rel_error'] / floors[row['case']]:.2f}x)"
+
+        return "\n\n".join(
+            [
+                f"Against a float64 reference computed from the dtype-rounded input "
+                f"({shape_label(rows[0]['shape'])}, logits ~ N(0, 3^2)); floor: the float64 result "
+                "rounded once to the dtype, the best possible. Max elementwise relative error "
+                "(x floor):",
+                pivot(rows, times_floor, ratio=False),
+                "Gradient, normwise relative error:",
+                pivot(rows, lambda row: f"{row['grad_error']:.2e}", ratio=False),
+            ]
+        )
+    if section == "loss_accuracy":
+        return pivot(rows, lambda row: f"{row['rel_error']:.2e}", ratio=False)
+    return "Median [p20, p80]:\n\n" + pivot(rows, spread)
+
+
+def format_headline(report: dict[str, Any]) -> str:
+    """The geomean tables: the float32 headline shapes, then every measured case."""
+
+    def table(entries: list[Row], details: bool) -> str:
+        header = ["section", "op", "dtype", "pass", "geomean ratio", "cases"] + [
+            "per case"
+        ] * details
+        return markdown_table(
+            header,
+            (
+                [
+                    e["section"],
+                    e["op"],
+                    SHORT[e["dtype"]],
+                    e["pass"],
+                    f"**{e['geomean_ratio']:.2f}x**",
+                    str(e["cases"]),
+                ]
+                + [e["per_case"]] * details
+                for e in entries
+            ),
+        )
+
+    if not report.get("summary"):
+        return "Not measured in this run (no jsoftmax timings)."
+    shapes = ", ".join(map(shape_label, HEADLINE_SHAPES))
     return (
-        f"Warning: load average {busiest:.1f} on {cores} cores: other processes shared the "
-        "CPU during this run. Spreads widen, and torch's multi-threaded calls can stall for a "
-        "scheduler tick (milliseconds) when a core it waits for is busy; small-shape timings "
-        "are then unreliable. Re-run on a quiet machine for figures to quote."
+        "jsoftmax time / fastest other contender, geometric mean over the float32 shapes "
+        f"{shapes} (below 1: jsoftmax is faster):\n\n"
+        + (table(report["headline"], True) if report.get("headline") else "(none measured)")
+        + "\n\nEvery measured case:\n\n"
+        + table(report["summary"], False)
     )
 
 
-def format_report(report: dict[str, Any], plots: Sequence[str] = ()) -> str:
-    """The whole report as markdown (also what the command prints at the end)."""
-    config = report["config"]
-    mode = "quick" if config["quick"] else "full"
+def took(report: dict[str, Any]) -> str:
+    if "elapsed_s" not in report:
+        return "still running when this was written"
+    memory = report["peak_rss_bytes"] / 2**30
+    return f"took {report['elapsed_s']:.0f} s, " + (
+        f"peak memory {memory:.2f} GiB" if memory else "peak memory not recorded"
+    )
+
+
+def format_report(report: dict[str, Any], plots: Iterable[str] = ()) -> str:
     parts = [
         "# jsoftmax benchmark report",
         format_environment(report["environment"]),
-        f"Run: {mode}, device {config['device']}, dtypes {', '.join(config['dtypes'])}, "
-        f"contenders {', '.join(config['contenders'])}; per case about "
-        f"{config['case_budget_s']} s of samples, {config['rounds'][0]}-{config['rounds'][1]} "
-        f"interleaved rounds; inputs rotated over {config['rotate_bytes'] / 2**20:.0f} MiB; "
-        f"took {report.get('elapsed_s', 0):.0f} s."
-        + (f" Command: `{config['command']}`." if config.get("command") else "")
-        + "".join(
-            f" Merged with the run of {part['date_utc']} (`{part['command']}`)."
-            for part in report.get("merged_from", [])
-        ),
+        f"`{report['config']['command']}`: {took(report)}.",
         "## Headline",
-        format_headline(report.get("headline")),
-        format_ratio_summary(report.get("ratio_summary")),
+        format_headline(report),
     ]
-    notes = list(report.get("notes", []))
-    busy = busy_machine_warning(report["environment"])
-    if busy:
-        notes.insert(0, busy)
-    if notes:
-        parts += ["## Notes", "\n".join(f"- {note}" for note in notes)]
-    if report.get("timings"):
-        parts += [
-            "## Timings",
-            "Compilation and warm-up excluded. Bandwidth counts the bytes a pass must move: "
-            "forward 2 x size, backward 3 x size, forward+backward 5 x size. JAX contenders run "
-            "under jax.jit (jnp-naive runs op by op, unfused); torch runs eagerly or under "
-            "torch.compile on the same thread count.",
-            format_timing_tables(report["timings"]),
-        ]
-        compile_memory = format_compile_memory(report["timings"])
-        if compile_memory:
-            parts += [
-                "## Compile time and memory (float32 headline shapes)",
-                "Compile: first call minus a steady call. Memory: the outputs and temporaries one "
-                "call adds, from XLA's memory analysis of the compiled call (JAX) or the CUDA "
-                "allocator's peak (torch on GPU); n/a where not measurable (eager JAX, torch on "
-                "CPU).",
-                compile_memory,
-            ]
-    if report.get("accuracy"):
-        shape = report.get("accuracy_shape")
-        parts += [
-            "## Accuracy",
-            f"Against a float64 reference on the dtype-rounded input ({shape_label(shape or [])}"
-            ", logits ~ N(0, 3^2)); floor: the float64 result rounded once to the dtype.",
-            format_accuracy(report["accuracy"]),
-        ]
-    if report.get("interop"):
-        parts += ["## Interop", format_interop(report["interop"])]
-    if report.get("overhead"):
-        parts += ["## Per-call overhead", format_overhead(report["overhead"])]
-    if report.get("cross_entropy"):
-        parts += ["## Cross-entropy", format_cross_entropy(report["cross_entropy"])]
+    notes = [busy_warning(report["environment"]), *report["notes"], *report.get("merged_from", [])]
+    notes += [
+        f"{r['case']}: {r['contender']} failed: {r['error']}"
+        for r in report["rows"]
+        if "error" in r
+    ]
+    if any(notes):
+        parts += ["## Notes", "\n".join(f"- {note}" for note in notes if note)]
+    by_section: dict[str, list[Row]] = defaultdict(list)
+    for row in report["rows"]:
+        by_section[row["section"]].append(row)
+    for section, rows in by_section.items():
+        if any("error" not in row for row in rows):
+            parts += [f"## {TITLES[section]}", format_section(section, rows)]
     if plots:
         parts += ["## Plots", "\n".join(f"![{name}]({name})" for name in plots)]
-    return "\n\n".join(part for part in parts if part) + "\n"
-
-
-def write_outputs(
-    report: dict[str, Any], out_dir: Path, *, plots: bool = True, keep_samples: bool = False
-) -> dict[str, Path]:
-    """Writes report.md, results.json, timings.csv, accuracy.csv and the plots into ``out_dir``.
-
-    Everything is written from the report rounded to 4 significant digits (see :func:`rounded`).
-    """
-    report = rounded(report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Path] = {}
-    plot_names: list[str] = []
-    if plots:
-        from ._plots import write_plots
-
-        for path in write_plots(report, out_dir):
-            written[path.name] = path
-            plot_names.append(path.name)
-    stored = dict(report)
-    if not keep_samples:
-        stored["timings"] = [
-            {key: value for key, value in row.items() if key != "samples_s"}
-            for row in report.get("timings", [])
-        ]
-    json_path = out_dir / "results.json"
-    json_path.write_text(dump_json(stored))
-    written["results.json"] = json_path
-    csv_path = out_dir / "timings.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in report.get("timings", []):
-            writer.writerow(
-                rounded(
-                    {
-                        **row,
-                        "shape": "x".join(str(dim) for dim in row["shape"]),
-                        "suites": "+".join(row["suites"]),
-                    }
-                )
-            )
-    written["timings.csv"] = csv_path
-    if report.get("accuracy"):
-        accuracy_path = out_dir / "accuracy.csv"
-        with accuracy_path.open("w", newline="") as handle:
-            columns = list(report["accuracy"][0])
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rounded(row) for row in report["accuracy"])
-        written["accuracy.csv"] = accuracy_path
-    markdown_path = out_dir / "report.md"
-    markdown_path.write_text(format_report(report, plot_names))
-    written["report.md"] = markdown_path
-    return written
-
-
-SIGNIFICANT_DIGITS = 4
-
-
-def rounded(value: Any) -> Any:
-    """Floats cut to 4 significant digits (far below run-to-run noise), recursively.
-
-    The figures are kept and shown at this precision everywhere (report.md, JSON, CSV,
-    RESULTS.md), so that they agree to the last printed digit.
-
-    >>> rounded({"median_s": 0.024137219, "shape": [64, 4096], "gbps": [1.0, 123456.7]})
-    {'median_s': 0.02414, 'shape': [64, 4096], 'gbps': [1.0, 123500.0]}
-    """
-    if isinstance(value, float):
-        return float(f"{value:.{SIGNIFICANT_DIGITS}g}") if math.isfinite(value) else value
-    if isinstance(value, dict):
-        return {key: rounded(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(item) for item in value]
-    return value
+    return "\n\n".join(parts) + "\n"
 
 
 def dump_json(report: dict[str, Any]) -> str:
-    """The report as JSON: rounded figures, tables one row per line (small and diffable).
+    """JSON with one row per line (small, diffable), 4 significant digits, inf as a string.
 
-    A list of rows that all have the same keys is written as a table,
-    ``{"columns": [...], "rows": [[...], ...]}``; :func:`load_report` turns it back.
-
-    >>> print(dump_json({"schema": 1, "timings": [{"a": 1.0, "b": "x"}, {"a": 2.5, "b": "y"}]}))
+    >>> print(dump_json({"rows": [{"a": 1.23456}, {"a": float("inf")}], "n": 2}))
     {
-     "schema": 1,
-     "timings": {"columns": ["a", "b"], "rows": [
-      [1.0, "x"],
-      [2.5, "y"]
-     ]}
+    "rows": [
+    {"a": 1.235},
+    {"a": "inf"}
+    ],
+    "n": 2
     }
     """
-    data = _finite(rounded(report))
-    lines = ["{"]
-    for index, (key, value) in enumerate(data.items()):
-        comma = "," if index < len(data) - 1 else ""
-        head = f" {json.dumps(key)}: "
-        if _is_table(value):
-            columns = list(value[0])
-            rows = [
-                f"  {json.dumps([row[column] for column in columns], default=_json_default)}"
-                for row in value
-            ]
-            lines += [
-                head + f'{{"columns": {json.dumps(columns)}, "rows": [',
-                ",\n".join(rows),
-                f" ]}}{comma}",
-            ]
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float):
+            return float(f"{value:.4g}") if math.isfinite(value) else str(value)
+        if isinstance(value, dict):
+            return {key: clean(item) for key, item in value.items()}
+        return [clean(item) for item in value] if isinstance(value, (list, tuple)) else value
+
+    lines = []
+    for key, value in clean(report).items():
+        if isinstance(value, list) and value and isinstance(value[0], dict):
+            lines.append(f"{json.dumps(key)}: [\n" + ",\n".join(map(json.dumps, value)) + "\n]")
         else:
-            lines.append(head + json.dumps(value, default=_json_default) + comma)
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def _is_table(value: Any) -> bool:
-    if not isinstance(value, list) or len(value) < 2:
-        return False
-    if not all(isinstance(row, dict) for row in value):
-        return False
-    return all(list(row) == list(value[0]) for row in value)
+            lines.append(f"{json.dumps(key)}: {json.dumps(value)}")
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def load_report(path: Path) -> dict[str, Any]:
-    """A ``results.json`` as the dict :func:`benchmarks.run` returned (tables as lists of rows).
-
-    >>> import tempfile
-    >>> with tempfile.TemporaryDirectory() as folder:
-    ...     path = Path(folder) / "results.json"
-    ...     _ = path.write_text(dump_json({"timings": [{"a": 1.0}, {"a": 2.0}], "notes": []}))
-    ...     load_report(path)
-    {'timings': [{'a': 1.0}, {'a': 2.0}], 'notes': []}
-    """
-    data = json.loads(path.read_text())
-    for key, value in data.items():
-        if isinstance(value, dict) and set(value) == {"columns", "rows"}:
-            data[key] = [dict(zip(value["columns"], row, strict=True)) for row in value["rows"]]
-    return data
+    return json.loads(path.read_text())
 
 
-def _finite(value: Any) -> Any:
-    """Strict JSON has no inf or NaN: they are written as the strings "inf", "-inf", "nan".
-
-    >>> _finite({"error": [1.0, float("inf")]})
-    {'error': [1.0, 'inf']}
-    """
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def write_outputs(report: dict[str, Any], out: Path, plots: Iterable[str] = ()) -> list[str]:
+    """Writes results.json, a CSV per section and report.md, all from the stored figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(dump_json(report))
+    stored = load_report(out / "results.json")
+    by_section: dict[str, list[Row]] = defaultdict(list)
+    for row in stored["rows"]:
+        by_section[row["section"]].append(row)
+    for section, rows in by_section.items():
+        columns = list(dict.fromkeys(key for row in rows for key in row if key != "samples_s"))
+        with (out / f"{section}.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(
+                {k: "x".join(map(str, v)) if k == "shape" else v for k, v in row.items()}
+                for row in rows
+            )
+    (out / "report.md").write_text(format_report(stored, plots))
+    return ["results.json", *(f"{section}.csv" for section in by_section), "report.md"]
 
 
-def merge_reports(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """One report from two runs on the same machine: for a run split into parts.
-
-    Timing rows are keyed by case and contender, and the new run's row wins; ratios, % of copy,
-    the headline and the summary are then derived again over the union. Other sections come from
-    the new run when it has them. The earlier parts' dates and commands are listed in
-    ``merged_from``.
-
-    >>> row = {"op": "softmax", "shape": [8, 8], "axis": 1, "dtype": "float32",
-    ...        "pass": "fwd", "contender": "jsoftmax", "median_s": 1.0, "gbps": 1.0}
-    >>> old = {"environment": {"date_utc": "d1"}, "config": {"command": "c1"},
-    ...        "timings": [row, {**row, "contender": "torch", "median_s": 2.0}], "notes": []}
-    >>> new = {"environment": {"date_utc": "d2"}, "config": {"command": "c2"},
-    ...        "timings": [{**row, "median_s": 4.0}], "notes": []}
-    >>> merged = merge_reports(old, new)
-    >>> [(r["contender"], r["median_s"]) for r in merged["timings"]], merged["merged_from"]
-    ([('jsoftmax', 4.0), ('torch', 2.0)], [{'date_utc': 'd1', 'command': 'c1'}])
-    """
-    merged = dict(previous)
-    merged.update({key: value for key, value in new.items() if value not in (None, [], {})})
-    by_key: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for row in [*previous.get("timings", []), *new.get("timings", [])]:
-        key = (*_case_key(row), row["contender"])
-        by_key[key] = dict(row)
-    rows = list(by_key.values())
-    annotate_rows(rows)
-    merged["timings"] = rows
-    merged["headline"] = headline_ratios(rows)
-    merged["ratio_summary"] = ratio_summary(rows)
-    merged["notes"] = list(dict.fromkeys([*previous.get("notes", []), *new.get("notes", [])]))
+def merge(previous: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One report from a run split into parts: for the same case and contender the new row
+    wins; ratios and geomeans are derived again over the union."""
+    rows = {(r["section"], r["case"], r["contender"]): r for r in previous["rows"] + new["rows"]}
+    merged = {**new, "rows": list(rows.values())}
     merged["merged_from"] = [
         *previous.get("merged_from", []),
-        {
-            "date_utc": previous["environment"].get("date_utc"),
-            "command": previous.get("config", {}).get("command"),
-        },
+        f"merged with `{previous['config']['command']}`",
     ]
-    if previous.get("elapsed_s") is not None and new.get("elapsed_s") is not None:
-        merged["elapsed_s"] = previous["elapsed_s"] + new["elapsed_s"]
+    merged["elapsed_s"] = previous.get("elapsed_s", 0) + new.get("elapsed_s", 0)
+    annotate(merged["rows"])
+    merged["headline"], merged["summary"] = (
+        summary(merged["rows"], True),
+        summary(merged["rows"], False),
+    )
     return merged
 
 
-def render_results_md(results_root: Path, relative_to: Path) -> str:
-    """RESULTS.md: for each committed run under ``results_root`` (one folder per device), its
-    machine, date, command, headline ratios, plots and a link to its full report.
-
-    Paths in the page are relative to ``relative_to`` (the folder RESULTS.md lives in).
-    """
+def render_results(root: Path) -> str:
+    """RESULTS.md from the runs under ``root/results/<device>/``: machine, date, command,
+    headline and plots of each, with links to the full report."""
     parts = [
         "# Benchmark results",
-        "How jsoftmax compares with jax.nn, a naive jnp formula, torch and torch.compile on the "
-        "machines below. Generated by `python -m benchmarks --render-results` from the runs "
-        "committed under `benchmarks/results/<device>/`; refresh a run with the command quoted "
-        "in its section, then re-render. Method: [NOTES.md](NOTES.md).",
+        "How jsoftmax compares with jax.nn, a naive jnp formula, torch and torch.compile, per "
+        "machine. Generated by `python -m benchmarks --render-results` from the runs committed "
+        "under `benchmarks/results/<device>/`. Method and history: [NOTES.md](NOTES.md).",
     ]
-    devices = sorted(path.parent for path in results_root.glob("*/results.json"))
-    for folder in devices:
-        report = load_report(folder / "results.json")
-        environment = report["environment"]
-        config = report["config"]
-        link = folder.relative_to(relative_to).as_posix()
-        hardware = environment["cpu_model"] + f", {environment['usable_cores']} cores"
-        if environment.get("gpu_name"):
-            hardware = f"{environment['gpu_name']} (host: {hardware})"
+    for folder in sorted(path.parent for path in root.glob("results/*/results.json")):
+        report, link = load_report(folder / "results.json"), folder.relative_to(root).as_posix()
+        info = report["environment"]
+        host = f"{info['cpu']}, {info['usable_cores']} cores"
         parts += [
-            f"## {config['device'].upper()}: {hardware}",
-            f"Taken {environment['date_utc']} with jax {environment['jax']}, torch "
-            f"{environment.get('torch')}, jsoftmax at {environment.get('git_revision') or '?'}; "
-            f"{'quick' if config['quick'] else 'full'} run, {report.get('elapsed_s', 0):.0f} s. "
-            f"Command: `{config.get('command') or 'python -m benchmarks'}`. jsoftmax's CPU "
-            f"kernels: {describe_kernel(environment.get('jsoftmax_cpu_kernel'))}.",
-        ]
-        busy = busy_machine_warning(environment)
-        if busy:
-            parts.append(busy)
-        parts += [
-            format_headline(report.get("headline")),
-            format_ratio_summary(report.get("ratio_summary")),
-        ]
-        plots = sorted(path.name for path in folder.glob("*.png"))
-        parts += [f"![{name}]({link}/{name})" for name in plots]
-        parts.append(
-            f"Every figure: [{link}/report.md]({link}/report.md) (tables), "
-            f"[results.json]({link}/results.json), [timings.csv]({link}/timings.csv)."
-        )
-    if not devices:
-        parts.append("No runs committed yet.")
-    if not any(folder.name == "gpu" for folder in devices):
-        parts += [
-            "## GPU",
-            "Not measured yet: no session so far had the lent GPU machine. On one, run "
-            "`python -m benchmarks --device gpu --quick --out benchmarks/results/gpu`, add parts "
-            "of the full set with `--suites ... --merge` (see NOTES.md), then "
-            "`python -m benchmarks --render-results`.",
+            f"## {info['device'].upper()}: "
+            + (f"{info['gpu']} (host {host})" if info.get("gpu") else host),
+            f"Taken {info['date_utc']} with jax {info['jax']}, torch {info.get('torch')}, jsoftmax "
+            f"at {info['git_revision']}: `{report['config']['command']}` {took(report)}.",
+            busy_warning(info) or "",
+            format_headline(report),
+            *(f"![{path.name}]({link}/{path.name})" for path in sorted(folder.glob("*.png"))),
+            f"Every figure: [{link}/report.md]({link}/report.md), "
+            f"[{link}/results.json]({link}/results.json).",
         ]
     return "\n\n".join(part for part in parts if part) + "\n"
