@@ -14,3 +14,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # XLA path, so the suite runs with "on", as a single-device process does by default. The sharding
 # tests set "auto" (the XLA path, which partitions) and tests/test_cpu_kernel.py compares the two.
 os.environ.setdefault("JSOFTMAX_CPU_KERNEL", "on")
+
+# Run by tests/test_accelerators.py with the accelerator compilers' own interpreter; importing it
+# here (doctest collection) would need those compilers.
+collect_ignore = ["tests/aot_kernel_counts.py"]
