@@ -1,22 +1,23 @@
-"""Stable softmax, log_softmax and logsumexp with hand-written VJPs.
+"""Stable softmax, log_softmax and logsumexp: the public functions.
 
 Each public function validates its arguments once, normalises the axes to a sorted tuple of
-non-negative ints (so equal calls share one compilation) and calls a function jitted here. The
-differentiable core of each is a ``jax.custom_vjp`` that saves exactly one array for the backward
-pass: the output (softmax, log_softmax) or the probabilities (logsumexp, whose output is reduced).
+non-negative ints (so equal calls share one compilation) and calls a function jitted here, which
+masks the input and binds a primitive of ``_primitives.py``. What is computed (the -inf, +inf,
+NaN and fully masked rules) is in ``_formula.py``; how it is differentiated and which
+implementation runs on each platform, in ``_primitives.py``.
 
 Numerics, shared by all three:
 
 * bf16 / f16 (and other sub-32-bit floats) are computed in float32 and rounded once at the end.
 * Masked entries (``where`` False) are -inf; -inf entries behave as masked ones.
-* A slice with no unmasked finite-or-+inf entry sums to zero: softmax 0, log_softmax -inf,
-  logsumexp -inf, gradient 0 (never NaN).
+* A slice with no unmasked finite-or-+inf entry: softmax 0, log_softmax -inf, logsumexp -inf,
+  gradient 0 (never NaN).
 * A +inf entry wins its slice (the limit as that logit grows): the +inf entries share the mass
   equally, everything else gets 0; logsumexp is +inf.
 * NaN in a slice makes that slice NaN; other slices are untouched.
 
-With ``axis_name`` (inside ``jax.shard_map``) the same kernels reduce across that mesh axis too,
-forward and backward (``_reductions.py``): one code path, local or sharded.
+With ``axis_name`` (inside ``jax.shard_map``) the reductions run across that mesh axis too,
+forward and backward: one code path, local or sharded.
 """
 
 from __future__ import annotations
@@ -27,269 +28,28 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from . import _kernel
-from ._reductions import Axes, axis_size, compute_dtype, global_max, global_sum, masked_input
+from . import _kernel, _primitives
+from ._reductions import Axes, axis_size
 from ._validation import as_mask, check_input, normalize_axes
 
 
-def _shift_and_sum(
-    logits: jax.Array, axes: Axes, axis_name: Any
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """The pieces every function needs: (row_max, shifted, sum_exp, safe_sum).
-
-    ``shifted = logits - shift`` with a shift that is constant under differentiation. The shift is
-    the slice maximum when finite and 0 otherwise, so a fully masked slice stays -inf (not
-    ``-inf - -inf = NaN``) and a NaN slice stays NaN. ``safe_sum`` is ``sum_exp`` with 0 (fully
-    masked slices only: otherwise the maximum contributes exp(0) = 1) replaced by 1. With
-    ``axis_name`` the maximum and the sum run across that mesh axis too.
-    """
-    row_max = global_max(logits, axes, axis_name)
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    shifted = logits - shift
-    # Slices holding +inf take the limit: +inf entries -> 0, all others -> -inf.
-    shifted = jnp.where(
-        row_max == jnp.inf, jnp.where(logits == jnp.inf, 0.0, -jnp.inf), shifted
-    ).astype(logits.dtype)
-    sum_exp = global_sum(jnp.exp(shifted), axes, axis_name)
-    safe_sum = jnp.where(sum_exp == 0, 1, sum_exp)
-    return row_max, shifted, sum_exp, safe_sum
-
-
-# --------------------------------------------------------------------------------------------
-# softmax
-
-
-def _kernel_or_xla(
-    name: str, kernel_ok: bool, axes: Axes, xla: Any, *operands: jax.Array
-) -> jax.Array:
-    """The CPU kernel ``name`` where this is lowered for CPU and ``kernel_ok``, else ``xla``."""
-    if not kernel_ok:
-        return xla(*operands)
-    kernel = _differentiable_backward if name.endswith("_bwd") else _differentiable_forward
-    out: jax.Array = jax.lax.platform_dependent(
-        *operands, cpu=partial(kernel, name, axes), default=xla
-    )
-    return out
-
-
-# The kernels wrapped so that higher derivatives (grad of grad, jacrev(jacrev)) work: a forward
-# kernel's VJP is the function's own backward rule; a backward kernel's VJP is that of the XLA
-# formula it computes.
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _differentiable_forward(name: str, axes: Axes, x: jax.Array) -> jax.Array:
-    return _kernel.call(name, axes, x)
-
-
-def _differentiable_forward_fwd(name: str, axes: Axes, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    out = _kernel.call(name, axes, x)
-    return out, out
-
-
-def _differentiable_forward_bwd(
-    name: str, axes: Axes, out: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array]:
-    backward = _softmax_bwd if name == "softmax_fwd" else _log_softmax_bwd
-    return (backward(axes, None, out, cotangent)[0],)
-
-
-_differentiable_forward.defvjp(_differentiable_forward_fwd, _differentiable_forward_bwd)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _differentiable_backward(name: str, axes: Axes, y: jax.Array, g: jax.Array) -> jax.Array:
-    return _kernel.call(name, axes, y, g)
-
-
-def _differentiable_backward_fwd(
-    name: str, axes: Axes, y: jax.Array, g: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return _kernel.call(name, axes, y, g), (y, g)
-
-
-def _differentiable_backward_bwd(
-    name: str, axes: Axes, res: tuple[jax.Array, jax.Array], cotangent: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    formula = _softmax_grad if name == "softmax_bwd" else _log_softmax_grad
-    _, vjp = jax.vjp(partial(formula, axes, None), *res)
-    grads: tuple[jax.Array, jax.Array] = vjp(cotangent)
-    return grads
-
-
-_differentiable_backward.defvjp(_differentiable_backward_fwd, _differentiable_backward_bwd)
-
-
-def _forward(
-    name: str,
-    xla_formula: Any,
+# ``kernel_mode`` (JSOFTMAX_CPU_KERNEL) is read when tracing: as a static argument it gives each
+# mode its own compilation.
+@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name", "kernel_mode", "log"))
+def _normalize_jit(
     x: jax.Array,
     where: jax.Array | None,
     axes: Axes,
-    axis_name: Any,
-) -> tuple[jax.Array, jax.Array]:
-    """A custom VJP's forward rule: the output, saved as the one residual."""
-    kernel_ok = where is None and _kernel.eligible(x, axes, axis_name)
-    xla = partial(xla_formula, where=where, axes=axes, axis_name=axis_name)
-    out = _kernel_or_xla(f"{name}_fwd", kernel_ok, axes, xla, x)
-    return out, out
-
-
-def _backward(
-    name: str, xla_formula: Any, axes: Axes, axis_name: Any, out: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
-    """A custom VJP's backward rule from the saved output (no gradient for ``where``)."""
-    cotangent = cotangent.astype(out.dtype)
-    kernel_ok = _kernel.eligible(out, axes, axis_name)
-    xla = partial(xla_formula, axes, axis_name)
-    return _kernel_or_xla(f"{name}_bwd", kernel_ok, axes, xla, out, cotangent), None
-
-
-def _xla_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
-    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
-    return (jnp.exp(shifted) / safe_sum).astype(x.dtype)
-
-
-def _softmax_fwd(
-    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
-) -> tuple[jax.Array, jax.Array]:
-    return _forward("softmax", _xla_softmax, x, where, axes, axis_name)
-
-
-def _softmax_grad(axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array) -> jax.Array:
-    compute = compute_dtype(probs.dtype)
-    y = probs.astype(compute)
-    g = cotangent.astype(compute)
-    # Written without a select, this is one fused pass on CPU XLA (a guard on g costs a whole
-    # extra materialised pass: benchmarks/NOTES.md). Zero-probability positions get exactly 0
-    # for any finite cotangent.
-    grad = y * (g - global_sum(g * y, axes, axis_name))
-    return grad.astype(probs.dtype)
-
-
-def _softmax_bwd(
-    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
-    return _backward("softmax", _softmax_grad, axes, axis_name, probs, cotangent)
-
-
-def _masked_softmax_bwd(
-    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
-    # With an explicit mask, excluded positions neither receive nor pass on gradient even when the
-    # incoming cotangent there is inf or NaN (the `where(mask, log(p), 0)` trap), as in jax.nn.
-    guarded = jnp.where(probs == 0, jnp.zeros((), cotangent.dtype), cotangent)
-    return _softmax_bwd(axes, axis_name, probs, guarded)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
-    return _softmax_fwd(x, where, axes, axis_name)[0]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _masked_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
-    return _softmax_fwd(x, where, axes, axis_name)[0]
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-_masked_softmax.defvjp(_softmax_fwd, _masked_softmax_bwd)
-
-
-# --------------------------------------------------------------------------------------------
-# log_softmax
-
-
-def _xla_log_softmax(
-    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
+    dtype: Any,
+    axis_name: Any = None,
+    kernel_mode: str = "auto",
+    log: bool = False,
 ) -> jax.Array:
-    _, shifted, _, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
-    # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
-    # x - (m + log(sum)) loses at large |x|.
-    return (shifted - jnp.log(safe_sum)).astype(x.dtype)
+    x = x.astype(dtype)
+    del kernel_mode  # read by _kernel.eligible while tracing
+    return _primitives.normalize(x, where, axes, axis_name, log=log)
 
 
-def _log_softmax_fwd(
-    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
-) -> tuple[jax.Array, jax.Array]:
-    return _forward("log_softmax", _xla_log_softmax, x, where, axes, axis_name)
-
-
-def _log_softmax_grad(
-    axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
-) -> jax.Array:
-    compute = compute_dtype(log_probs.dtype)
-    y = log_probs.astype(compute)
-    # Masked (-inf) outputs are constants: their cotangent must not reach the sum.
-    g = jnp.where(log_probs == -jnp.inf, 0, cotangent.astype(compute))
-    grad = g - jnp.exp(y) * global_sum(g, axes, axis_name)
-    return grad.astype(log_probs.dtype)
-
-
-def _log_softmax_bwd(
-    axes: Axes, axis_name: Any, log_probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
-    return _backward("log_softmax", _log_softmax_grad, axes, axis_name, log_probs, cotangent)
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _log_softmax(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
-    return _log_softmax_fwd(x, where, axes, axis_name)[0]
-
-
-_log_softmax.defvjp(_log_softmax_fwd, _log_softmax_bwd)
-
-
-# --------------------------------------------------------------------------------------------
-# logsumexp (the core keeps the reduced axes; the public function squeezes them)
-
-
-def _logsumexp_value(
-    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any, with_probs: bool
-) -> tuple[jax.Array, jax.Array | None]:
-    row_max, shifted, sum_exp, safe_sum = _shift_and_sum(masked_input(x, where), axes, axis_name)
-    shift = jnp.where(jnp.isfinite(row_max), row_max, 0)
-    log_normalizer = jnp.where(row_max == jnp.inf, jnp.inf, shift + jnp.log(sum_exp))
-    probs = (jnp.exp(shifted) / safe_sum).astype(x.dtype) if with_probs else None
-    return log_normalizer.astype(x.dtype), probs
-
-
-def _logsumexp_fwd(
-    x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any
-) -> tuple[jax.Array, jax.Array]:
-    log_normalizer, probs = _logsumexp_value(x, where, axes, axis_name, with_probs=True)
-    assert probs is not None
-    return log_normalizer, probs
-
-
-def _logsumexp_bwd(
-    axes: Axes, axis_name: Any, probs: jax.Array, cotangent: jax.Array
-) -> tuple[jax.Array, None]:
-    # The cotangent is per slice (the same on every shard): each entry's gradient is its own
-    # probability times it.
-    compute = compute_dtype(probs.dtype)
-    grad = probs.astype(compute) * cotangent.astype(compute)
-    return grad.astype(probs.dtype), None
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _logsumexp(x: jax.Array, where: jax.Array | None, axes: Axes, axis_name: Any) -> jax.Array:
-    return _logsumexp_value(x, where, axes, axis_name, with_probs=False)[0]
-
-
-_logsumexp.defvjp(_logsumexp_fwd, _logsumexp_bwd)
-
-
-# --------------------------------------------------------------------------------------------
-# jitted entry points and the public API
-
-
-def _broadcast_mask(where: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
-    return None if where is None else jnp.broadcast_to(where, shape)
-
-
-# ``kernel_mode`` (JSOFTMAX_CPU_KERNEL) only keys the cache: the kernel is chosen while tracing.
-@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name", "kernel_mode"))
 def _softmax_jit(
     x: jax.Array,
     where: jax.Array | None,
@@ -298,13 +58,9 @@ def _softmax_jit(
     axis_name: Any = None,
     kernel_mode: str = "auto",
 ) -> jax.Array:
-    x = x.astype(dtype)
-    if where is None:
-        return _softmax(x, None, axes, axis_name)
-    return _masked_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
+    return _normalize_jit(x, where, axes, dtype, axis_name, kernel_mode, log=False)
 
 
-@partial(jax.jit, static_argnames=("axes", "dtype", "axis_name", "kernel_mode"))
 def _log_softmax_jit(
     x: jax.Array,
     where: jax.Array | None,
@@ -313,8 +69,7 @@ def _log_softmax_jit(
     axis_name: Any = None,
     kernel_mode: str = "auto",
 ) -> jax.Array:
-    x = x.astype(dtype)
-    return _log_softmax(x, _broadcast_mask(where, x.shape), axes, axis_name)
+    return _normalize_jit(x, where, axes, dtype, axis_name, kernel_mode, log=True)
 
 
 @partial(jax.jit, static_argnames=("axes", "dtype", "keepdims", "axis_name"))
@@ -327,7 +82,7 @@ def _logsumexp_jit(
     axis_name: Any = None,
 ) -> jax.Array:
     x = x.astype(dtype)
-    out = _logsumexp(x, _broadcast_mask(where, x.shape), axes, axis_name)
+    out = _primitives.logsumexp(x, where, axes, axis_name)
     return out if keepdims else jnp.squeeze(out, axis=axes)
 
 

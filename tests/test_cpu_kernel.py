@@ -39,7 +39,7 @@ from jax import lax
 
 import jsoftmax
 from jsoftmax import _kernel
-from jsoftmax import _softmax as impl
+from jsoftmax._primitives import vjp_from_output
 
 ENV = "JSOFTMAX_CPU_KERNEL"
 FUNCTIONS = {"softmax": jsoftmax.softmax, "log_softmax": jsoftmax.log_softmax}
@@ -295,7 +295,7 @@ def test_backward_kernel_matches_xla_rule_on_the_same_output(monkeypatch, name, 
     # The backward rules alone, fed one and the same output y (the float64 result rounded to the
     # dtype, -inf / 0 entries included): no forward difference to carry, so bf16/f16 must be
     # within 1 ulp of the dtype or the float32 bound.
-    rule = impl._softmax_bwd if name == "softmax" else impl._log_softmax_bwd
+    log = name == "log_softmax"
     x = np.array(_logits((6, n), seed=23), np.float32)
     x[1, ::4] = -np.inf
     x[2] = -np.inf
@@ -304,7 +304,7 @@ def test_backward_kernel_matches_xla_rule_on_the_same_output(monkeypatch, name, 
     results = {}
     for mode in ("on", "off"):
         monkeypatch.setenv(ENV, mode)
-        lowered = jax.jit(lambda y, g: rule((1,), None, y, g)[0]).lower(y, g)
+        lowered = jax.jit(lambda y, g: vjp_from_output(y, g, (1,), log=log)).lower(y, g)
         results[mode] = (_np(lowered.compile()(y, g)), _targets(lowered.as_text()))
     assert results["on"][1] == {f"jsoftmax_{name}_bwd"} and not results["off"][1]
     bound = _backward_bound(name, y, g, -1)
@@ -517,9 +517,10 @@ def test_non_trailing_axis_uses_xla_path(monkeypatch, name):
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-def test_where_keeps_xla_forward_but_kernel_backward(monkeypatch, name):
-    # Masked calls run the XLA forward pass; the backward rules do not depend on the mask (a
-    # masked entry's output is 0 / -inf like an unmasked -inf's), so the backward kernel is used.
+def test_where_runs_the_kernels_after_masking(monkeypatch, name):
+    # Masked calls set the masked entries to -inf (XLA) and run the forward kernel; the backward
+    # rules do not depend on the mask (a masked entry's output is 0 / -inf like an unmasked
+    # -inf's), so the backward kernel is used too.
     fn = FUNCTIONS[name]
     x = _logits((6, 37), seed=8)
     mask = np.random.default_rng(9).random((6, 37)) > 0.3
@@ -535,7 +536,7 @@ def test_where_keeps_xla_forward_but_kernel_backward(monkeypatch, name):
 
         lowered = jax.jit(jax.value_and_grad(loss)).lower(x)
         results[mode] = (_targets(lowered.as_text()), *map(_np, lowered.compile()(x)))
-    assert results["on"][0] == {f"jsoftmax_{name}_bwd"}, results["on"][0]
+    assert results["on"][0] == {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd"}, results["on"][0]
     assert results["off"][0] == set()
     np.testing.assert_allclose(results["on"][1], results["off"][1], rtol=1e-6)
     bound = _backward_bound(name, _np(fn(x, where=mask)), weights, -1)

@@ -42,7 +42,7 @@ import jsoftmax
 # The custom VJP's backward rules: the torch backward pass runs exactly these, on the saved
 # output, instead of re-running the forward pass under jax.vjp.
 from jsoftmax._kernel import mode as kernel_mode
-from jsoftmax._softmax import _log_softmax_bwd, _softmax_bwd
+from jsoftmax._primitives import vjp_from_output
 
 from ._convert import check_tensor, export_array, import_tensor, x64_scope
 
@@ -145,10 +145,6 @@ def refuse_nested_forward_mode(fname: str) -> None:
 # the JAX side (jitted once per shape, dtype, dim and layout)
 
 
-def _backward_rule(log: bool) -> Any:
-    return _log_softmax_bwd if log else _softmax_bwd
-
-
 @partial(jax.jit, static_argnames=("shape", "axis", "log", "kernel_mode"))
 def _jax_forward(
     x: jax.Array, shape: tuple[int, ...], axis: int, log: bool, kernel_mode: str
@@ -159,34 +155,36 @@ def _jax_forward(
 
 # ``kernel_mode`` (JSOFTMAX_CPU_KERNEL) keys the caches: the core picks its CPU kernel or the XLA
 # path while tracing.
-@partial(jax.jit, static_argnames=("shape", "axis", "log", "kernel_mode"))
+@partial(jax.jit, static_argnames=("axis", "log", "kernel_mode", "shape"))
 def _jax_backward(
     grad_output: jax.Array,
     output: jax.Array,
-    shape: tuple[int, ...],
     axis: int,
     log: bool,
     kernel_mode: str,
+    shape: tuple[int, ...] | None = None,
 ) -> jax.Array:
-    grad_input, _ = _backward_rule(log)(
-        (axis,), None, jnp.broadcast_to(output, shape), jnp.broadcast_to(grad_output, shape)
-    )
-    return grad_input
+    """The core's backward pass from the output; both operands broadcast to ``shape`` (the
+    torch tensors' shape: either may cross at a compact size), default the output's."""
+    shape = output.shape if shape is None else shape
+    full_output = jnp.broadcast_to(output, shape)
+    return vjp_from_output(full_output, jnp.broadcast_to(grad_output, shape), (axis,), log=log)
 
 
-@partial(jax.jit, static_argnames=("shape", "axis", "log", "kernel_mode"))
+@partial(jax.jit, static_argnames=("axis", "log", "kernel_mode", "shape"))
 def _jax_double_backward(
     grad_grad_input: jax.Array,
     grad_output: jax.Array,
     output: jax.Array,
-    shape: tuple[int, ...],
     axis: int,
     log: bool,
     kernel_mode: str,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     def backward(out: jax.Array, grad: jax.Array) -> jax.Array:
-        return _backward_rule(log)((axis,), None, out, grad)[0]
+        return vjp_from_output(out, grad, (axis,), log=log)
 
+    shape = output.shape if shape is None else shape
     output = jnp.broadcast_to(output, shape)
     _, pullback = jax.vjp(backward, output, jnp.broadcast_to(grad_output, shape))
     grad_of_output, grad_of_grad_output = pullback(jnp.broadcast_to(grad_grad_input, shape))
@@ -245,7 +243,7 @@ def _softmax_backward(
         grad = import_compact(grad_output, "softmax backward", "grad_output")
         out = import_compact(output, "softmax backward", "output")
         shape = tuple(output.shape)
-        return export_array(_jax_backward(grad, out, shape, dim, log, kernel_mode()), None)
+        return export_array(_jax_backward(grad, out, dim, log, kernel_mode(), shape), None)
 
 
 _softmax_op = torch.library.custom_op("jsoftmax::softmax", mutates_args=())(_softmax_forward)
@@ -280,7 +278,7 @@ def _softmax_double_backward(
         grad = import_compact(grad_output, fname, "grad_output")
         out = import_compact(output, fname, "output")
         grad_of_grad_output, grad_of_output = _jax_double_backward(
-            grad_grad, grad, out, tuple(output.shape), dim, log, kernel_mode()
+            grad_grad, grad, out, dim, log, kernel_mode(), tuple(output.shape)
         )
         return export_array(grad_of_grad_output, None), export_array(grad_of_output, None)
 

@@ -1,0 +1,126 @@
+"""What softmax, log_softmax and logsumexp compute, and their derivatives, as plain JAX.
+
+This module is the one place for the semantics (the -inf, +inf, NaN and fully masked rules). The
+primitives in ``_primitives.py`` lower to these functions on every platform where no hand-written
+kernel applies, and their differentiation rules are built from the tangent maps here.
+
+The forward formulas contain no ``select`` on the row maximum or the row sum: XLA's GPU softmax
+fusion (and the TPU fusions) only fuse a reduce -> broadcast -> elementwise chain whose row values
+pass through unary ops or ops with a constant operand, so one select there splits the computation
+into several kernels. The rules are obtained from the reductions' initial values and one
+elementwise select on the input instead:
+
+* The row maximum is reduced from ``finfo.min``: a fully masked slice gets the shift
+  ``finfo.min`` and ``-inf - finfo.min`` stays -inf (never ``-inf - -inf = NaN``).
+* ``where(x == +inf, 0, x - shift)``: in a slice holding +inf the shift is +inf, so the +inf
+  entries contribute ``exp(0) = 1`` each and share the mass (1/k each), and every finite entry
+  gets ``x - inf = -inf``, probability 0.
+* The sum is reduced from ``finfo.tiny``: a fully masked slice sums to a positive number and gives
+  0 / tiny = 0 (log_softmax: -inf - log(tiny) = -inf), never 0 / 0. Every other slice sums to at
+  least 1, which absorbs tiny.
+* NaN propagates through max, sum and exp, so a NaN slice is NaN and only that slice.
+
+Everything is computed in float32 for sub-32-bit inputs and rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Axes = tuple[int, ...]
+
+
+def compute_dtype(dtype: Any) -> Any:
+    """float32 for sub-32-bit floats (bf16, f16, f8), the dtype itself otherwise."""
+    return jnp.float32 if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def _keep(reduced: jax.Array, axes: Axes) -> jax.Array:
+    return lax.expand_dims(reduced, axes)
+
+
+def global_sum(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
+    """Sum over ``axes`` (kept) and, inside ``shard_map``, across ``axis_name``."""
+    local = jnp.sum(x, axis=axes, keepdims=True)
+    return local if axis_name is None else lax.psum(local, axis_name)
+
+
+def _shifted(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+    """(shift, x - shift): the slice maximum (kept axes) and ``x`` minus it, in the compute
+    dtype, with the rules above.
+
+    The maximum is exact in any dtype, so it is taken in the input dtype (on TPU an upcast before
+    the reduction costs a kernel of its own).
+    """
+    shift = _keep(lax.reduce(x, jnp.finfo(x.dtype).min, lax.max, axes), axes)
+    if axis_name is not None:
+        shift = lax.pmax(shift, axis_name)
+    wide = x.astype(compute_dtype(x.dtype))
+    shift = shift.astype(wide.dtype)
+    return shift, jnp.where(wide == jnp.inf, 0, wide - shift)
+
+
+def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
+    """``x`` with the entries ``where`` excludes set to -inf."""
+    return x if where is None else jnp.where(where, x, jnp.array(-jnp.inf, x.dtype))
+
+
+def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
+    """softmax (``log=False``) or log_softmax of ``x`` over ``axes``; masked entries are -inf."""
+    _, shifted = _shifted(x, axes, axis_name)
+    tiny = jnp.finfo(shifted.dtype).tiny
+    total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
+    if axis_name is not None:
+        total = lax.psum(total, axis_name)
+    if log:
+        # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
+        # x - (m + log(sum)) loses at large |x|.
+        return (shifted - jnp.log(total)).astype(x.dtype)
+    return (jnp.exp(shifted) / total).astype(x.dtype)
+
+
+def logsumexp(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
+    """log(sum(exp(x))) over ``axes`` (kept): -inf for an empty or fully masked slice, +inf with
+    any +inf entry, NaN with any NaN."""
+    shift, shifted = _shifted(x, axes, axis_name)
+    total = global_sum(jnp.exp(shifted), axes, axis_name)
+    return (shift + jnp.log(total)).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tangent maps. The Jacobian of softmax, diag(y) - y y^T, is symmetric: one map serves both
+# directions. log_softmax's map and its transpose differ; both treat -inf outputs (masked
+# entries) as constants, so nothing flows into or out of them.
+
+
+def tangent(
+    y: jax.Array,
+    t: jax.Array,
+    axes: Axes,
+    axis_name: Any,
+    log: bool,
+    transposed: bool,
+    masked: bool,
+) -> jax.Array:
+    """The Jacobian of softmax / log_softmax at output ``y`` applied to ``t`` (or its transpose).
+
+    ``masked`` (a ``where=`` mask was given): zero-probability entries neither receive nor pass
+    on a tangent or cotangent, even an inf or NaN one, as jax.nn does.
+    """
+    compute = compute_dtype(y.dtype)
+    out, vec = y.astype(compute), t.astype(compute)
+    if not log:
+        if masked:
+            vec = jnp.where(out == 0, 0, vec)
+        result = out * (vec - global_sum(vec * out, axes, axis_name))
+    elif transposed:
+        vec = jnp.where(out == -jnp.inf, 0, vec)
+        result = vec - jnp.exp(out) * global_sum(vec, axes, axis_name)
+    else:
+        result = vec - global_sum(jnp.exp(out) * vec, axes, axis_name)
+        result = jnp.where(out == -jnp.inf, 0, result)
+    return result.astype(y.dtype)

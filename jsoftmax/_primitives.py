@@ -1,0 +1,270 @@
+"""The primitives behind softmax, log_softmax and logsumexp, and every rule JAX needs for them.
+
+Three primitives:
+
+* ``normalize_p(x[, where])``: softmax or log_softmax (param ``log``), with an optional mask.
+* ``tangent_p(y, t)``: the Jacobian at output ``y`` applied to ``t``, or its transpose (param
+  ``transposed``). Linear in ``t``; its transpose is itself with ``transposed`` flipped.
+* ``logsumexp_p(x[, where])``: the log-normaliser, with the reduced axes kept.
+
+Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-differentiated
+(``jvp``, ``jacfwd``, ``hessian``), and a ``jax.custom_jvp`` loses the hand-written backward pass
+(reverse mode becomes XLA's transpose of the tangent rule) and gets its primal inlined and
+differentiated under ``lax.scan``'s linearization. With primitives, forward mode is
+``normalize_p``'s JVP rule (``tangent_p``), reverse mode is ``tangent_p``'s transpose, which saves
+the output ``y`` and nothing else, and every transformation (``vmap``, ``scan``, ``checkpoint``,
+``shard_map``, higher orders) composes the registered rules.
+
+Which implementation runs is decided here, per platform, when lowering: on CPU the hand-written
+kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``) and the
+computation is not being exported (``jax.export`` artifacts must run where jsoftmax's kernels do
+not exist); everywhere else the formulas of ``_formula.py``.
+
+This is the only module that uses JAX's rule registries (``jax.interpreters.ad``, ``batching``,
+``mlir`` and ``jax.extend.core.Primitive``). They are public modules with a semi-public contract:
+``tests/test_transformations.py`` pins the behaviour each rule relies on.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from . import _formula, _kernel
+
+normalize_p = Primitive("jsoftmax_normalize")
+tangent_p = Primitive("jsoftmax_tangent")
+logsumexp_p = Primitive("jsoftmax_logsumexp")
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and abstract evaluation
+
+
+def _normalize_formula(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
+    del kernel
+    return _formula.normalize(_formula.masked(x, *where), axes, axis_name, log)
+
+
+def _tangent_formula(y, t, *, axes, axis_name, log, masked, kernel, transposed) -> jax.Array:
+    del kernel
+    return _formula.tangent(y, t, axes, axis_name, log, transposed, masked)
+
+
+def _logsumexp_formula(x: jax.Array, *where: jax.Array, axes, axis_name) -> jax.Array:
+    return _formula.logsumexp(_formula.masked(x, *where), axes, axis_name)
+
+
+def _impl(formula: Any):
+    """Eager evaluation (a primitive bound outside any trace): the formula, jitted."""
+
+    def impl(*args: jax.Array, **params: Any) -> jax.Array:
+        return jax.jit(partial(formula, **params))(*args)
+
+    return impl
+
+
+normalize_p.def_impl(_impl(_normalize_formula))
+tangent_p.def_impl(_impl(_tangent_formula))
+logsumexp_p.def_impl(_impl(_logsumexp_formula))
+normalize_p.def_abstract_eval(lambda x, *where, **_: x)
+tangent_p.def_abstract_eval(lambda y, t, **_: y)
+
+
+def _logsumexp_abstract(x: Any, *where: Any, axes, axis_name) -> Any:
+    del where
+    changes: dict[str, Any] = {"shape": tuple(1 if i in axes else n for i, n in enumerate(x.shape))}
+    if axis_name is not None:
+        # Reduced across axis_name: the same value on every device of those mesh axes, which
+        # shard_map's replication check reads from the aval's varying mesh axes (``aval.mat``
+        # in jax 0.10, as psum's own abstract evaluation sets it; ``vma`` in older versions).
+        names = set(axis_name if isinstance(axis_name, tuple) else (axis_name,))
+        mat = getattr(x, "mat", None)
+        if mat is not None and hasattr(mat, "varying"):
+            varying = frozenset(a for a in mat.varying if a not in names)
+            changes["manual_axis_type"] = mat.update(varying=varying)
+        elif getattr(x, "vma", None) is not None:
+            changes["vma"] = frozenset(x.vma) - names
+    sharding: Any = getattr(x, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if sharding is not None and spec is not None:
+        # A reduced axis of size 1 cannot stay sharded.
+        entries = tuple(spec) + (None,) * (len(x.shape) - len(spec))
+        kept = type(spec)(*(None if i in axes else entry for i, entry in enumerate(entries)))
+        changes["sharding"] = sharding.update(spec=kept)
+    return x.update(**changes)
+
+
+logsumexp_p.def_abstract_eval(_logsumexp_abstract)
+
+
+# ----------------------------------------------------------------------------------------------
+# lowering: the one dispatch point between the CPU kernels and the formulas
+
+
+def _kernel_name(log: bool, backward: bool) -> str:
+    return f"{'log_softmax' if log else 'softmax'}_{'bwd' if backward else 'fwd'}"
+
+
+def _normalize_cpu(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
+    del axis_name, kernel
+    return _kernel.call(_kernel_name(log, backward=False), axes, _formula.masked(x, *where))
+
+
+def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed) -> jax.Array:
+    # The backward kernels compute softmax's map (symmetric) and log_softmax's transposed map.
+    if log and not transposed:
+        return _tangent_formula(
+            y, t, axes=axes, axis_name=axis_name, log=log, masked=masked, kernel=kernel,
+            transposed=transposed,
+        )  # fmt: skip
+    t = t.astype(y.dtype)
+    if masked:
+        t = jnp.where(y == 0, jnp.zeros((), t.dtype), t)
+    return _kernel.call(_kernel_name(log, backward=True), axes, y, t)
+
+
+def _lowering(formula: Any, cpu_kernel: Any | None = None):
+    def rule(ctx: Any, *args: Any, **params: Any) -> Any:
+        use_kernel = (
+            cpu_kernel is not None
+            and params.get("kernel", False)
+            and not ctx.module_context.lowering_parameters.for_export
+        )
+        chosen: Any = cpu_kernel if use_kernel else formula
+        return mlir.lower_fun(partial(chosen, **params), multiple_results=False)(ctx, *args)
+
+    return rule
+
+
+for _primitive, _formula_fn, _cpu_fn in (
+    (normalize_p, _normalize_formula, _normalize_cpu),
+    (tangent_p, _tangent_formula, _tangent_cpu),
+    (logsumexp_p, _logsumexp_formula, None),
+):
+    mlir.register_lowering(_primitive, _lowering(_formula_fn))
+    if _cpu_fn is not None:
+        mlir.register_lowering(_primitive, _lowering(_formula_fn, _cpu_fn), platform="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# forward mode
+
+
+def _zero_like(primal: Any) -> Any:
+    return ad.Zero(jax.typeof(primal).to_tangent_aval())
+
+
+def _normalize_jvp(primals, tangents, **params):
+    y = normalize_p.bind(*primals, **params)
+    t = tangents[0]  # the mask has none
+    if type(t) is ad.Zero:
+        return y, _zero_like(y)
+    masked = len(primals) > 1
+    return y, tangent_p.bind(y, t, masked=masked, transposed=False, **params)
+
+
+def _tangent_jvp(primals, tangents, **params):
+    y, t = primals
+    dy, dt = tangents
+    out = tangent_p.bind(y, t, **params)
+    parts = []
+    if type(dt) is not ad.Zero:
+        parts.append(tangent_p.bind(y, dt, **params))  # linear in t
+    if type(dy) is not ad.Zero:
+        # The map's dependence on y (second and higher derivatives): the formula, differentiated.
+        parts.append(jax.jvp(lambda out_: _tangent_formula(out_, t, **params), (y,), (dy,))[1])
+    if not parts:
+        return out, _zero_like(out)
+    return out, sum(parts[1:], parts[0])
+
+
+def _logsumexp_jvp(primals, tangents, *, axes, axis_name):
+    x, t = primals[0], tangents[0]
+    out = logsumexp_p.bind(*primals, axes=axes, axis_name=axis_name)
+    if type(t) is ad.Zero:
+        return out, _zero_like(out)
+    # d logsumexp = sum(softmax(x) * t): linear in t, so reverse mode transposes it to
+    # softmax(x) * g and keeps the probabilities as its one saved array.
+    probs = normalize_p.bind(
+        *primals, axes=axes, axis_name=axis_name, log=False,
+        kernel=bool(_kernel.eligible(x, axes, axis_name)),
+    )  # fmt: skip
+    compute = _formula.compute_dtype(x.dtype)
+    product = probs.astype(compute) * t.astype(compute)
+    return out, _formula.global_sum(product, axes, axis_name).astype(out.dtype)
+
+
+ad.primitive_jvps[normalize_p] = _normalize_jvp
+ad.primitive_jvps[tangent_p] = _tangent_jvp
+ad.primitive_jvps[logsumexp_p] = _logsumexp_jvp
+
+
+# ----------------------------------------------------------------------------------------------
+# reverse mode: the transpose of the tangent map, the hand-written backward pass
+
+
+def _tangent_transpose(cotangent, y, t, *, transposed, **params):
+    if ad.is_undefined_primal(y):
+        raise NotImplementedError("jsoftmax: the tangent map is linear in its tangent only")
+    if type(cotangent) is ad.Zero:
+        return [None, ad.Zero(t.aval)]
+    return [None, tangent_p.bind(y, cotangent, transposed=not transposed, **params)]
+
+
+ad.primitive_transposes[tangent_p] = _tangent_transpose
+
+
+# ----------------------------------------------------------------------------------------------
+# vmap: the batch dimension goes first; the reduced axes move up by one
+
+
+def _batch(primitive: Primitive, args, dims, *, axes, **params):
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    moved = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
+    shifted_axes = tuple(a + 1 for a in axes)
+    return primitive.bind(*moved, axes=shifted_axes, **params), 0
+
+
+for _primitive in (normalize_p, tangent_p, logsumexp_p):
+    batching.primitive_batchers[_primitive] = partial(_batch, _primitive)
+
+
+# ----------------------------------------------------------------------------------------------
+# binding, for _softmax.py
+
+
+def _operands(x: jax.Array, where: jax.Array | None) -> tuple[jax.Array, ...]:
+    return (x,) if where is None else (x, jnp.broadcast_to(where, x.shape))
+
+
+def normalize(
+    x: jax.Array, where: jax.Array | None, axes: _formula.Axes, axis_name: Any, *, log: bool
+) -> jax.Array:
+    """softmax / log_softmax; the CPU kernels where ``_kernel.eligible`` allows them."""
+    kernel = bool(_kernel.eligible(x, axes, axis_name))
+    return normalize_p.bind(
+        *_operands(x, where), axes=axes, axis_name=axis_name, log=log, kernel=kernel
+    )
+
+
+def logsumexp(
+    x: jax.Array, where: jax.Array | None, axes: _formula.Axes, axis_name: Any
+) -> jax.Array:
+    return logsumexp_p.bind(*_operands(x, where), axes=axes, axis_name=axis_name)
+
+
+def vjp_from_output(
+    y: jax.Array, cotangent: jax.Array, axes: _formula.Axes, *, log: bool
+) -> jax.Array:
+    """The backward pass from a saved output: what reverse mode computes, for the torch side."""
+    kernel = _kernel.eligible(y, axes, None)
+    return tangent_p.bind(
+        y, cotangent.astype(y.dtype), axes=axes, axis_name=None, log=log, masked=False,
+        kernel=bool(kernel), transposed=True,
+    )  # fmt: skip
