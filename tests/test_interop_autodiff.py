@@ -302,3 +302,36 @@ def test_forward_ad_through_torch_compile(case):
             duals = [fwAD.make_dual(x, t) for x, t in zip(inputs, tangents, strict=True)]
             results.append(fwAD.unpack_dual(fn(*duals)).tangent)
     _assert_close(results[0], results[1])
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_forward_mode_matches_the_cores_jvp_on_special_rows(log):
+    # The torch-side tangent rule and jsoftmax's JAX JVP agree where torch itself gives NaN:
+    # -inf entries, rows of all -inf, +inf entries.
+    import jax
+    import jax.numpy as jnp
+
+    import jsoftmax
+
+    inf = float("inf")
+    x = torch.tensor(
+        [
+            [1.0, -inf, 3.0, 0.5],
+            [-inf, -inf, -inf, -inf],
+            [inf, 2.0, inf, -inf],
+            [0.0, 1.0, 2.0, 3.0],
+        ],
+        dtype=torch.float64,
+    )
+    t = _rand((4, 4), 60)
+    with fwAD.dual_level():
+        fn = interop.log_softmax if log else interop.softmax
+        ours = fwAD.unpack_dual(fn(fwAD.make_dual(x, t), 1)).tangent
+    core = jsoftmax.log_softmax if log else jsoftmax.softmax
+    with jax.enable_x64(True):
+        _, expected = jax.jvp(
+            lambda a: core(a, axis=1), (jnp.asarray(x.numpy()),), (jnp.asarray(t.numpy()),)
+        )
+        expected = np.asarray(expected)
+    np.testing.assert_allclose(ours.numpy(), expected, **GRAD_TOL)
+    assert np.isfinite(ours.numpy()).all()
