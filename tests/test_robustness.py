@@ -199,3 +199,13 @@ def test_dataloader_with_spawn_workers_works_after_jax_starts(tmp_path):
 def test_interop_docs_say_fork_hangs_and_to_use_spawn():
     doc = interop.__doc__ or ""
     assert "fork" in doc and 'multiprocessing_context="spawn"' in doc
+
+
+def test_interop_ignore_index_beyond_int32():
+    logits = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    target = torch.tensor([0, 2**40, 3])
+    ours = interop.cross_entropy(logits, target, ignore_index=2**40)  # int64: x64 holds it
+    theirs = torch.nn.functional.cross_entropy(logits, target, ignore_index=2**40)
+    torch.testing.assert_close(ours, theirs)
+    with pytest.raises(ValueError, match=r"^cross_entropy: ignore_index expected an int in"):
+        interop.cross_entropy(logits, target.to(torch.int32) * 0, ignore_index=2**40)
