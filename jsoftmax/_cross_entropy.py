@@ -5,11 +5,13 @@ The loss of one slice (one "row": the logits along the class axis) is
     sum_c t_c * (log_normalizer - x_c),    t_c = effective target mass of class c,
 
 with ``t`` the one-hot label (or the probability target), label-smoothed and class-weighted as
-``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_vjp`` cores, one for integer
+``torch.nn.functional.cross_entropy`` defines it. Two ``jax.custom_jvp`` cores, one for integer
 labels and one for probability targets, return the per-row loss; the reductions (torch's weighted
-``mean``, ``sum``) are plain JAX on top. Each core saves the logits (already alive as the input)
-and two per-row values, the shift (the row maximum) and the log-normaliser, never a probability
-tensor; its backward pass rebuilds ``softmax * sum(t) - t`` in one elementwise pass. The one-hot
+``mean``, ``sum``) are plain JAX on top. Each core's tangent is its hand-written gradient
+``softmax * sum(t) - t``, rebuilt in one elementwise pass from the logits and two per-row values
+(the shift and the log-normaliser), contracted with the tangent; reverse mode is its transpose,
+rematerialised, so it saves the logits (already alive as the input) and the two per-row values,
+never a probability tensor. The one-hot
 target is a comparison with a class iota, never materialised. The label's logit is a gather (one
 element per row) or, where the class axis is split across devices, a masked sum finished by a
 per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
@@ -18,6 +20,7 @@ NamedSharding, or across ``axis_name`` inside ``shard_map``) with per-row all-re
 
 from __future__ import annotations
 
+import math
 import operator
 from functools import partial
 from typing import Any
@@ -136,6 +139,28 @@ def _label_logit(
 
 
 # --------------------------------------------------------------------------------------------
+# the derivative rule shared by both cores
+#
+# Each core is a ``jax.custom_jvp`` whose tangent is ``sum_c G_c * t_c`` per row, with ``G`` the
+# gradient of the row's loss rebuilt in one elementwise pass from the logits and two per-row
+# values (``_labels_bwd`` / ``_probs_bwd``). The tangent is linear in ``t``, so reverse mode is
+# its transpose, ``g * G``; it is rematerialised (``jax.checkpoint``), so reverse mode saves the
+# inputs and the two per-row values, never a logits-sized array of its own. Forward mode
+# (``jvp``, ``jacfwd``) and higher orders differentiate the same plain-JAX formulas.
+
+
+def _contract(gradient: jax.Array, tangent: jax.Array, axis: int, axis_name: Any) -> jax.Array:
+    """Per row: ``sum_c gradient_c * tangent_c`` across the (possibly sharded) class axis."""
+    compute = compute_dtype(gradient.dtype)
+    product = gradient.astype(compute) * tangent.astype(compute)
+    return jnp.squeeze(global_sum(product, (axis,), axis_name), axis)
+
+
+def _rematerialized(linear: Any) -> Any:
+    return jax.checkpoint(linear, policy=jax.checkpoint_policies.nothing_saveable)
+
+
+# --------------------------------------------------------------------------------------------
 # integer labels
 
 
@@ -242,7 +267,7 @@ def _labels_bwd(
     return grad.astype(logits.dtype), None, None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
 def _labels_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -255,7 +280,24 @@ def _labels_loss(
     return _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)[0]
 
 
-_labels_loss.defvjp(_labels_fwd, _labels_bwd)
+@_labels_loss.defjvp
+def _labels_loss_jvp(
+    axis: int,
+    axis_name: Any,
+    ignore_index: int,
+    smoothing: float,
+    primals: tuple[Any, ...],
+    tangents: tuple[Any, ...],
+) -> tuple[jax.Array, jax.Array]:
+    logits, labels, weight = primals
+    loss, residuals = _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)
+
+    def linear(residuals: tuple[Any, ...], logits_tangent: jax.Array) -> jax.Array:
+        ones = jnp.ones(loss.shape, loss.dtype)
+        gradient = _labels_bwd(axis, axis_name, ignore_index, smoothing, residuals, ones)[0]
+        return _contract(gradient, logits_tangent, axis, axis_name)
+
+    return loss, _rematerialized(linear)(residuals, tangents[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,7 +374,7 @@ def _probs_bwd(
     return logits_grad.astype(logits.dtype), targets_grad.astype(targets.dtype), None
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def _probs_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -344,7 +386,28 @@ def _probs_loss(
     return _probs_fwd(logits, targets, weight, axis, axis_name, smoothing)[0]
 
 
-_probs_loss.defvjp(_probs_fwd, _probs_bwd)
+def _probs_loss_jvp(
+    axis: int, axis_name: Any, smoothing: float, primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[jax.Array, jax.Array]:
+    logits, targets, weight = primals
+    loss, residuals = _probs_fwd(logits, targets, weight, axis, axis_name, smoothing)
+    # Symbolic zeros: a target without a tangent adds nothing (and saves nothing).
+    live = [not isinstance(t, jax.custom_derivatives.SymbolicZero) for t in tangents[:2]]
+
+    def linear(residuals: tuple[Any, ...], *live_tangents: jax.Array) -> jax.Array:
+        ones = jnp.ones(loss.shape, loss.dtype)
+        gradients = _probs_bwd(axis, axis_name, smoothing, residuals, ones)[:2]
+        chosen = [g for g, keep in zip(gradients, live, strict=True) if keep]
+        terms = [
+            _contract(g, t, axis, axis_name) for g, t in zip(chosen, live_tangents, strict=True)
+        ]
+        return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(loss)
+
+    live_tangents = [t for t, keep in zip(tangents[:2], live, strict=True) if keep]
+    return loss, _rematerialized(linear)(residuals, *live_tangents)
+
+
+_probs_loss.defjvp(_probs_loss_jvp, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,13 +422,17 @@ def _safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
 
 @partial(
     jax.jit,
-    static_argnames=("axis", "ignore_index", "label_smoothing", "reduction", "axis_name", "dtype"),
-)
+    static_argnames=(
+        "axis", "ignore_index", "label_smoothing", "reduction", "axis_name", "dtype", "class_axes"
+    ),
+)  # fmt: skip
 def _cross_entropy_jit(
     logits: jax.Array,
     labels: jax.Array,
     weight: jax.Array | None,
+    where: jax.Array | None = None,
     *,
+    class_axes: tuple[int, ...] | None = None,
     axis: int,
     ignore_index: int,
     label_smoothing: float,
@@ -375,13 +442,33 @@ def _cross_entropy_jit(
 ) -> jax.Array:
     logits = logits.astype(dtype)
     compute = compute_dtype(dtype)
+    probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
+    if class_axes is not None:
+        # Several class axes: moved last and flattened (labels are flat indices into them).
+        logits = _flatten_classes(logits, class_axes)
+        labels = _flatten_classes(labels, class_axes) if probabilities else labels
+        where = _flatten_classes(where, class_axes) if where is not None else None
+    rows = None
+    if where is not None and where.ndim == logits.ndim:
+        # Per-logit mask: an excluded logit is a masked class (-inf).
+        logits = jnp.where(where, logits, jnp.array(-jnp.inf, logits.dtype))
+    elif where is not None:
+        # Per-row mask: an excluded row counts as an ignored label (its logits never reach the
+        # loss or the gradient, even NaN ones).
+        rows = where
+        logits = jnp.where(jnp.expand_dims(rows, axis), logits, 0)
+        if probabilities:
+            labels = jnp.where(jnp.expand_dims(rows, axis), labels, 0)
+        else:
+            labels = jnp.where(rows, labels, ignore_index)
     # Class weights are constants (torch does not differentiate them either).
     if weight is not None:
         weight = lax.stop_gradient(weight.astype(compute))
-    if jnp.issubdtype(labels.dtype, jnp.floating):
+    if probabilities:
         loss = _probs_loss(logits, labels, weight, axis, axis_name, label_smoothing)
         # torch's mean over probability targets divides by the number of rows, unweighted.
-        denominator = jnp.asarray(loss.size, compute)
+        counted = loss.size if rows is None else jnp.sum(rows)
+        denominator = jnp.asarray(counted, compute)
     else:
         loss = _labels_loss(logits, labels, weight, axis, axis_name, ignore_index, label_smoothing)
         num_classes = _num_classes(logits.shape[axis], axis_name)
@@ -395,9 +482,31 @@ def _cross_entropy_jit(
     return _safe_divide(total, denominator).astype(dtype)
 
 
+def _flatten_classes(array: jax.Array, class_axes: tuple[int, ...]) -> jax.Array:
+    """``array`` with ``class_axes`` moved last and merged into one."""
+    rest = tuple(dim for dim in range(array.ndim) if dim not in class_axes)
+    moved = jnp.transpose(array, rest + class_axes)
+    return moved.reshape(_flat_shape(array.shape, class_axes))
+
+
+def _flat_shape(shape: tuple[int, ...], class_axes: tuple[int, ...]) -> tuple[int, ...]:
+    rest = (n for d, n in enumerate(shape) if d not in class_axes)
+    return (*rest, math.prod(shape[d] for d in class_axes))
+
+
+def _check_class_axes(axis: Any, ndim: int) -> tuple[int, ...]:
+    """A tuple of distinct class axes, normalised (each checked as a single axis)."""
+    if not axis:
+        raise ValueError("cross_entropy: axis expected an int or a non-empty tuple of ints, got ()")
+    axes = tuple(sorted(_check_class_axis(a, ndim) for a in axis))
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"cross_entropy: axis expected distinct axes, got {axis!r}")
+    return axes
+
+
 def _check_class_axis(axis: Any, ndim: int) -> int:
     if isinstance(axis, bool) or not isinstance(axis, (int, jnp.integer)):
-        raise TypeError(f"cross_entropy: axis expected an int, got {axis!r}")
+        raise TypeError(f"cross_entropy: axis expected an int or a tuple of ints, got {axis!r}")
     if not -ndim <= axis < ndim:
         raise ValueError(
             f"cross_entropy: axis expected a value in [{-ndim}, {ndim}) for logits of rank {ndim}, "
@@ -434,6 +543,32 @@ def _check_labels(labels: Any, logits_shape: tuple[int, ...], axis: int) -> jax.
     return array if signed_64 else array.astype(jnp.int32)
 
 
+def _check_where(
+    where: Any, logits_shape: tuple[int, ...], row_shape: tuple[int, ...]
+) -> jax.Array | None:
+    """A boolean mask per logit (broadcastable to the logits) or per row (the rows' shape)."""
+    if where is None:
+        return None
+    if not is_arraylike(where) or jnp.asarray(where).dtype != jnp.bool_:
+        kind = (
+            type(where).__name__ if not is_arraylike(where) else f"dtype {jnp.asarray(where).dtype}"
+        )
+        raise TypeError(f"cross_entropy: where expected a boolean array, got {kind}")
+    mask = jnp.asarray(where)
+    if mask.ndim == len(logits_shape):
+        try:
+            return jnp.broadcast_to(mask, logits_shape)
+        except ValueError:
+            pass
+    elif mask.shape == row_shape:
+        return mask
+    raise ValueError(
+        f"cross_entropy: where expected a boolean mask broadcastable to the logits' shape "
+        f"{logits_shape} (per logit) or of the rows' shape {row_shape} (per row), "
+        f"got {mask.shape}"
+    )
+
+
 def _check_weight(weight: Any, num_classes: int) -> jax.Array | None:
     if weight is None:
         return None
@@ -463,6 +598,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     axis_name: Any = None,
+    where: Any = None,
 ) -> jax.Array:
     r"""Cross-entropy between ``softmax(logits)`` and the labels, as torch computes it.
 
@@ -479,7 +615,9 @@ def cross_entropy(
         promote to the default floating dtype.
       labels: integer class indices of the logits' shape without ``axis``, or floating
         class probabilities of the logits' shape.
-      axis: the class axis (an int). Use ``axis=1`` for torch's ``[N, C, d1, ...]`` layout.
+      axis: the class axis (an int; ``axis=1`` for torch's ``[N, C, d1, ...]`` layout), or a
+        tuple of class axes, as optax's: the classes are then the flattened slice and integer
+        labels are flat indices into it.
       weight: optional class weights of shape ``(C,)`` (the global ``C`` under ``axis_name``);
         constants, not differentiated.
       ignore_index: integer labels equal to it contribute 0 to the loss, the gradient and the
@@ -494,13 +632,17 @@ def cross_entropy(
         device holds an equal, in-order shard of the classes, the labels are global class ids,
         and every shard gets the global loss of its rows. Reductions run over the rows this
         device holds.
+      where: optional boolean mask, as optax's: per logit (the logits' rank, broadcastable to
+        their shape; an excluded logit is a masked class, like -inf) or per row (the rows'
+        shape; an excluded row counts as an ignored label).
 
     Returns:
       The loss in the logits' dtype: a scalar, or the per-row losses for ``reduction="none"``.
 
     Note:
-      The backward pass is a hand-written ``jax.custom_vjp``: ``g * (softmax(x) * sum(t) - t)``
-      rebuilt from the saved logits and two per-row values (no probability tensor is saved).
+      The derivative is hand-written: ``g * (softmax(x) * sum(t) - t)`` rebuilt from the saved
+      logits and two per-row values (no probability tensor is saved); every JAX transformation
+      applies (``grad``, ``jvp``, ``jacfwd``, ``hessian``, ...).
       Labels equal to ``ignore_index`` give loss 0 and gradient 0 even when their logits are
       NaN or inf. When the ``mean``'s denominator is 0 (every label ignored, or all their
       weights 0, or no rows) the loss is 0 with gradient 0; torch gives NaN. A -inf logit (a
@@ -526,14 +668,26 @@ def cross_entropy(
         raise ValueError(
             "cross_entropy: logits expected an array with a class axis (rank >= 1), got a scalar"
         )
-    class_axis = _check_class_axis(axis, array.ndim)
-    if array.shape[class_axis] == 0:
+    class_axes = None
+    if isinstance(axis, tuple):
+        class_axes = _check_class_axes(axis, array.ndim)
+        if axis_name is not None:
+            raise ValueError(
+                "cross_entropy: axis expected a single int with axis_name (one sharded class "
+                f"axis), got {axis!r}"
+            )
+    # The loss sees the classes as one axis: the last one when several are flattened.
+    flat_shape = array.shape if class_axes is None else _flat_shape(array.shape, class_axes)
+    class_axis = len(flat_shape) - 1 if class_axes else _check_class_axis(axis, array.ndim)
+    if flat_shape[class_axis] == 0:
         raise ValueError(
             f"cross_entropy: logits expected at least one class along axis {axis}, "
             f"got shape {array.shape}"
         )
-    targets = _check_labels(labels, array.shape, class_axis)
-    num_classes = array.shape[class_axis]
+    # Probability targets keep the logits' own shape; class indices, the rows' shape.
+    floating = is_arraylike(labels) and jnp.issubdtype(jnp.asarray(labels).dtype, jnp.floating)
+    targets = _check_labels(labels, array.shape if floating else flat_shape, class_axis)
+    num_classes = flat_shape[class_axis]
     if axis_name is not None:
         num_classes *= axis_size(axis_name, "cross_entropy")
     weight_array = _check_weight(weight, num_classes)
@@ -560,10 +714,13 @@ def cross_entropy(
         raise ValueError(
             f"cross_entropy: reduction expected one of 'mean', 'sum', 'none', got {reduction!r}"
         )
+    mask = _check_where(where, array.shape, flat_shape[:class_axis] + flat_shape[class_axis + 1 :])
     return _cross_entropy_jit(
         array,
         targets,
         weight_array,
+        mask,
+        class_axes=class_axes,
         axis=class_axis,
         ignore_index=operator.index(ignore_index),
         label_smoothing=float(label_smoothing),

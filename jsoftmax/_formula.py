@@ -49,14 +49,15 @@ def global_sum(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return local if axis_name is None else lax.psum(local, axis_name)
 
 
-def _shifted(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
+def shifted_input(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
     """(shift, x - shift): the slice maximum (kept axes) and ``x`` minus it, in the compute
     dtype, with the rules above.
 
     The maximum is exact in any dtype, so it is taken in the input dtype (on TPU an upcast before
     the reduction costs a kernel of its own).
     """
-    shift = _keep(lax.reduce(x, jnp.finfo(x.dtype).min, lax.max, axes), axes)
+    # A constant under differentiation (the reduction has no derivative rule; none is needed).
+    shift = _keep(lax.reduce(lax.stop_gradient(x), jnp.finfo(x.dtype).min, lax.max, axes), axes)
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
     wide = x.astype(compute_dtype(x.dtype))
@@ -71,7 +72,7 @@ def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
 
 def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
     """softmax (``log=False``) or log_softmax of ``x`` over ``axes``; masked entries are -inf."""
-    _, shifted = _shifted(x, axes, axis_name)
+    _, shifted = shifted_input(x, axes, axis_name)
     tiny = jnp.finfo(shifted.dtype).tiny
     total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
     if axis_name is not None:
@@ -86,7 +87,7 @@ def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
 def logsumexp(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     """log(sum(exp(x))) over ``axes`` (kept): -inf for an empty or fully masked slice, +inf with
     any +inf entry, NaN with any NaN."""
-    shift, shifted = _shifted(x, axes, axis_name)
+    shift, shifted = shifted_input(x, axes, axis_name)
     total = global_sum(jnp.exp(shifted), axes, axis_name)
     return (shift + jnp.log(total)).astype(x.dtype)
 
@@ -124,3 +125,19 @@ def tangent(
         result = vec - global_sum(jnp.exp(out) * vec, axes, axis_name)
         result = jnp.where(out == -jnp.inf, 0, result)
     return result.astype(y.dtype)
+
+
+def scaled_logsumexp(
+    x: jax.Array, scale: jax.Array, axes: Axes, axis_name: Any
+) -> tuple[jax.Array, jax.Array]:
+    """(log|sum(scale * exp(x))|, sign of the sum) over ``axes`` (kept), as
+    ``jax.scipy.special.logsumexp(x, b=scale, return_sign=True)``: entries with ``scale == 0``
+    are left out; an empty sum gives -inf with sign 0. Plain JAX, differentiated by JAX."""
+    x = jnp.where(scale == 0, jnp.array(-jnp.inf, x.dtype), x)
+    shift, shifted = shifted_input(x, axes, axis_name)
+    total = global_sum(scale.astype(shifted.dtype) * jnp.exp(shifted), axes, axis_name)
+    magnitude = jnp.abs(total)
+    # The double where keeps the gradient of an empty slice at 0 (never 0 * inf).
+    safe = jnp.where(magnitude == 0, 1, magnitude)
+    value = jnp.where(magnitude == 0, -jnp.inf, shift + jnp.log(safe))
+    return value.astype(x.dtype), jnp.sign(total).astype(x.dtype)

@@ -1,17 +1,21 @@
-"""The CPU kernels of ``_cpu/kernels.cc``: built for this machine on first use, then cached.
+"""The CPU kernels of ``_cpu/kernels.cc``: built with the package, registered at import.
 
 XLA's CPU code makes three or four passes over the whole array for a softmax (benchmarks/NOTES.md
 has the compiled HLO); the kernels make one read and one write per row, with the row kept in cache.
 They are called through ``jax.ffi`` and only where the result is the same as the XLA path's (the
 tests check both against each other): on CPU, float32 / bfloat16 / float16, reduction over one
 contiguous block of axes (trailing, or followed by 16 to 128 entries), no ``where`` mask on the
-forward pass, no ``axis_name``.
+forward pass, no ``axis_name``, and on an explicitly sharded array only with the reduced axes and
+those after them unsharded.
 
-Building needs a C++17 compiler (``$CXX``, else ``c++``) and the XLA FFI headers that jaxlib
-ships. The library goes to ``$JSOFTMAX_CACHE_DIR`` (default ``~/.cache/jsoftmax``), named by a
-hash of the source, jaxlib's version, the compiler, its flags and the CPU, so one build serves
-every later process on the machine. Without a compiler, or when anything fails, the XLA path is
-used everywhere and :func:`cpu_kernel_info` says why.
+Building the package (``pip install``, ``pip wheel``; CMakeLists.txt) compiles one library per
+instruction set into ``_cpu/`` with a ``manifest.json`` of their sizes and SHA-256 digests. At
+import this module checks a library against the manifest before it maps it (a truncated file
+would crash the process), asks the generic one which variant the CPU supports, loads that one and
+registers its handlers. Nothing is compiled at run time. ``JSOFTMAX_CPU_ISA`` (``generic``,
+``avx2``, ``avx512``, ``avx512bf16``; read once, at import) forces a lower variant. Without the
+libraries (installed where no C++ compiler was found) or when a check fails, the XLA path is used
+everywhere, a warning says so once, and :func:`cpu_kernel_info` says why.
 
 ``JSOFTMAX_CPU_KERNEL`` (read when a function is traced): ``auto`` (default) uses the kernels
 when the process has a single CPU device; ``on`` also with several (the kernels require the
@@ -22,14 +26,11 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import logging
+import json
 import math
 import os
-import platform
-import shlex
-import subprocess
-import tempfile
-import threading
+import sys
+import warnings
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -37,124 +38,149 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-log = logging.getLogger("jsoftmax")
-
-SOURCE = Path(__file__).with_name("_cpu") / "kernels.cc"
 _OPS = ("softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bwd")
 TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS)
-# Column kernels process up to 128 neighbouring slices at once (16 per vector of lanes), walking
-# down the reduced axes at a stride of `inner` entries. Fewer than 16 entries after the reduced
-# axes would leave lanes idle; beyond 128 a unit covers only part of each row and the strided walk
-# thrashes the caches (a first version took 5.8 ms for [4, 1024, 1024] over axis 1 against 2.1 ms
-# on the XLA path; from 16 to 128 the kernels measured 1.0-2.4x faster than the XLA path and
-# about as fast as jax.nn: benchmarks/NOTES.md). Outside that range: the XLA path.
+# Column kernels take 16 neighbouring slices per vector: fewer than 16 entries after the reduced
+# axes leave lanes idle, and beyond 128 the strided walk is slower than the XLA path
+# (benchmarks/NOTES.md).
 _MIN_INNER, _MAX_INNER = 16, 128
 MODES = ("auto", "on", "off")
+# Library variants from the most portable to the fastest; each runs on a subset of the CPUs the
+# one before it runs on.
+ISAS = ("generic", "avx2", "avx512", "avx512bf16")
+ISA_ENV = "JSOFTMAX_CPU_ISA"
 _DTYPES = frozenset({jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
-_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC")
-_lock = threading.Lock()
-_state: dict[str, Any] = {"loaded": False, "error": None, "library": None}
+_MANIFEST = "manifest.json"
+_state: dict[str, Any] = {
+    "error": None,  # why the kernels are unavailable
+    "isa_error": None,  # a bad JSOFTMAX_CPU_ISA: raised by eligible() and cpu_kernel_info()
+    "library": None,  # the loaded variant's path
+    "isa": None,  # the loaded variant
+    "cpu_isa": None,  # the best variant this CPU supports
+    "warned": False,
+}
 
 
-def _cpu_identity() -> str:
-    """What -march=native depends on: the CPU's model and feature flags where Linux shows them."""
+def _package_dirs() -> list[Path]:
+    """The directories of the ``jsoftmax`` package: one when installed from a wheel; the build
+    output and the source tree for an editable install."""
+    package = sys.modules[__name__.rpartition(".")[0]]
+    return [Path(entry) for entry in getattr(package, "__path__", [])]
+
+
+def _find_manifest() -> Path:
+    for directory in _package_dirs():
+        candidate = directory / "_cpu" / _MANIFEST
+        if candidate.is_file():
+            return candidate
+    raise RuntimeError(
+        "this installation has no compiled kernels (jsoftmax/_cpu/manifest.json is missing): it "
+        "was installed where no C++ compiler was found, or from a source tree that was never "
+        "built; `pip install` with a C++17 compiler on PATH builds them"
+    )
+
+
+def _check_source(manifest: dict[str, Any]) -> None:
+    """In a source tree (an editable install), the libraries must come from the current source."""
+    for directory in _package_dirs():
+        source = directory / "_cpu" / "kernels.cc"
+        if source.is_file():
+            if hashlib.sha256(source.read_bytes()).hexdigest() != manifest["source_sha256"]:
+                raise RuntimeError(
+                    f"{source} changed since the kernels were built: rebuild them with "
+                    "`pip install -e .`"
+                )
+            return
+
+
+def _open_verified(directory: Path, manifest: dict[str, Any], isa: str) -> ctypes.CDLL:
+    """Loads variant ``isa`` after checking its size and digest against the manifest.
+
+    Mapping a truncated library can kill the process (SIGBUS), so nothing is loaded unchecked.
+    """
+    entry = manifest["libraries"].get(isa)
+    if entry is None:
+        raise RuntimeError(f"the {isa} kernels were not built (compiler without support for it)")
+    path = directory / entry["file"]
     try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine() + platform.processor()
-    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep))) or platform.machine()
+        data = path.read_bytes()
+    except OSError as error:
+        raise RuntimeError(f"cannot read {path}: {error}") from None
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise RuntimeError(
+            f"{path} does not match its build manifest ({len(data)} bytes, expected "
+            f"{entry['size']}): the installation is damaged; reinstall jsoftmax"
+        )
+    library = ctypes.CDLL(str(path))
+    library.jsoftmax_isa.restype = ctypes.c_char_p
+    built_for = library.jsoftmax_isa().decode()
+    if built_for != isa:
+        raise RuntimeError(f"{path} holds the {built_for} kernels, not {isa}")
+    return library
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("JSOFTMAX_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jsoftmax"
+def _chosen_isa(best: str) -> str:
+    requested = os.environ.get(ISA_ENV, "").strip().lower()
+    if not requested:
+        return best
+    if requested not in ISAS:
+        raise ValueError(f"{ISA_ENV}: expected one of {ISAS}, got {requested!r}")
+    if ISAS.index(requested) > ISAS.index(best):
+        raise ValueError(
+            f"{ISA_ENV}: this CPU supports the kernels up to {best!r}, got {requested!r} "
+            "(the variable may only force a lower instruction set)"
+        )
+    return requested
 
 
-def _compiler() -> list[str]:
-    return shlex.split(os.environ.get("CXX") or "c++")
-
-
-def _compiler_version(compiler: list[str]) -> str:
-    done = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
-    if done.returncode != 0:
-        raise RuntimeError(f"{compiler[0]} --version failed: {done.stderr.strip()[:200]}")
-    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else ""
-
-
-def _build(target: Path, compiler: list[str], flags: tuple[str, ...]) -> None:
-    include = jax.ffi.include_dir()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
-        partial = Path(tmp.name)
+def _load() -> None:
+    """Finds, checks, loads and registers the kernels; records why in ``_state`` if it cannot."""
     try:
-        command = [*compiler, *flags, f"-I{include}", str(SOURCE), "-o", str(partial)]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-        if done.returncode != 0:
-            raise RuntimeError(f"{shlex.join(command)} failed:\n{done.stderr.strip()[-2000:]}")
-        os.replace(partial, target)  # atomic: a concurrent process sees none or all of it
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def _library_path(flags: tuple[str, ...], compiler: list[str]) -> Path:
-    digest = hashlib.sha256()
-    for part in (
-        SOURCE.read_bytes(),
-        jax.lib.__version__.encode() if hasattr(jax, "lib") else b"",
-        jax.ffi.include_dir().encode(),
-        _compiler_version(compiler).encode(),
-        " ".join(flags).encode(),
-        _cpu_identity().encode(),
-    ):
-        digest.update(part)
-        digest.update(b"\0")
-    return _cache_dir() / f"kernels-{digest.hexdigest()[:24]}.so"
-
-
-def _load_library() -> ctypes.CDLL:
-    if platform.system() == "Windows":
-        raise RuntimeError("the CPU kernels are built on Linux and macOS only")
-    compiler = _compiler()
-    errors = []
-    # -march=native first (AVX-512 where the CPU has it); then portable code.
-    for flags in ((*_FLAGS, "-march=native"), _FLAGS):
-        path = _library_path(flags, compiler)
+        manifest_path = _find_manifest()
+        manifest = json.loads(manifest_path.read_text())
+        _check_source(manifest)
+        directory = manifest_path.parent
+        generic = _open_verified(directory, manifest, "generic")
+        generic.jsoftmax_cpu_isa.restype = ctypes.c_char_p
+        best = generic.jsoftmax_cpu_isa().decode()
+        while best not in manifest["libraries"]:  # a variant this compiler could not build
+            best = ISAS[ISAS.index(best) - 1]
+        _state["cpu_isa"] = best
         try:
-            if not path.exists():
-                log.info("jsoftmax: building the CPU kernels into %s", path)
-                _build(path, compiler, flags)
-            return ctypes.CDLL(str(path))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-            errors.append(str(error))
-    raise RuntimeError("\n".join(errors))
+            isa = _chosen_isa(best)
+        except ValueError as error:
+            _state["isa_error"] = str(error)
+            raise RuntimeError(str(error)) from None
+        library = generic if isa == "generic" else _open_verified(directory, manifest, isa)
+        for name in TARGETS:
+            symbol = getattr(library, f"jsoftmax_{name}")
+            jax.ffi.register_ffi_target(
+                f"jsoftmax_{name}", jax.ffi.pycapsule(symbol), platform="cpu"
+            )
+            # Rows may be sharded; the reduced axis may not (eligible() checks).
+            jax.ffi.register_ffi_target_as_batch_partitionable(f"jsoftmax_{name}")
+        _state["library"] = str(directory / manifest["libraries"][isa]["file"])
+        _state["isa"] = isa
+    except Exception as error:  # any failure leaves the XLA path, which is always correct
+        _state["error"] = f"{type(error).__name__}: {error}"
 
 
 def load() -> bool:
-    """Builds (once per machine) and registers the kernels; False when they are unavailable."""
-    with _lock:
-        if _state["loaded"]:
-            return _state["error"] is None
-        _state["loaded"] = True
-        try:
-            if not SOURCE.exists():
-                raise RuntimeError(f"{SOURCE} is missing from the installation")
-            library = _load_library()
-            for name in TARGETS:
-                symbol = getattr(library, f"jsoftmax_{name}")
-                jax.ffi.register_ffi_target(
-                    f"jsoftmax_{name}", jax.ffi.pycapsule(symbol), platform="cpu"
-                )
-                batchable = getattr(jax.ffi, "register_ffi_target_as_batch_partitionable", None)
-                if batchable is not None:  # rows may be sharded; the reduced axis may not
-                    batchable(f"jsoftmax_{name}")
-            _state["library"] = library._name
-        except Exception as error:  # any failure leaves the XLA path, which is always correct
-            _state["error"] = f"{type(error).__name__}: {error}"
-            log.info("jsoftmax: CPU kernels unavailable, using the XLA path: %s", _state["error"])
-        return _state["error"] is None
+    """Whether the kernels are registered (they are loaded once, when this module is imported)."""
+    if _state["isa_error"] is not None:
+        raise ValueError(_state["isa_error"])
+    return _state["error"] is None
+
+
+def _warn_unavailable() -> None:
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(
+            f"jsoftmax: CPU kernels unavailable, using the XLA path (same results, slower): "
+            f"{_state['error']}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def mode() -> str:
@@ -182,6 +208,16 @@ def _layout(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, int, in
     return outer, n, inner
 
 
+def _split(x: jax.Array, dims: range) -> bool:
+    """Whether ``x`` is explicitly sharded along any of ``dims`` (its type says so under an
+    Explicit mesh; under Auto or without a mesh every entry is None)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None:
+        return False
+    entries = tuple(spec) + (None,) * (x.ndim - len(spec))
+    return any(entries[dim] is not None for dim in dims)
+
+
 def eligible(x: jax.Array, axes: tuple[int, ...], axis_name: Any) -> bool:
     """Whether the kernels compute this call (a trace-time decision; the XLA path otherwise)."""
     chosen = mode()
@@ -194,21 +230,31 @@ def eligible(x: jax.Array, axes: tuple[int, ...], axis_name: Any) -> bool:
         return False
     if chosen == "auto" and not _single_cpu_device():
         return False
-    return load()
+    # A kernel needs whole slices, and `call` merges the axes after the reduced block when there
+    # are several: a split there has no kernel equivalent (the XLA path partitions it).
+    after = range(axes[-1] + 1, x.ndim)
+    if _split(x, range(axes[0], axes[-1] + 1)) or (len(after) > 1 and _split(x, after)):
+        return False
+    if not load():
+        _warn_unavailable()
+        return False
+    return True
 
 
 def cpu_kernel_info() -> dict[str, Any]:
     """Whether jsoftmax's CPU kernels are in use in this process, and why not if they are not.
 
-    Returns a dict: ``mode`` (``JSOFTMAX_CPU_KERNEL``), ``available`` (built and registered),
-    ``library`` (the shared library's path), ``error`` (why they are unavailable) and
-    ``single_cpu_device`` (what ``auto`` mode requires). Calling it builds the kernels if they
-    are not built yet.
+    Returns a dict: ``mode`` (``JSOFTMAX_CPU_KERNEL``), ``available`` (loaded and registered),
+    ``isa`` (the variant in use: ``generic``, ``avx2``, ``avx512`` or ``avx512bf16``),
+    ``cpu_isa`` (the best variant this CPU supports), ``library`` (the loaded library's path),
+    ``error`` (why they are unavailable) and ``single_cpu_device`` (what ``auto`` mode requires).
     """
     available = load()
     return {
         "mode": mode(),
         "available": available,
+        "isa": _state["isa"],
+        "cpu_isa": _state["cpu_isa"],
         "library": _state["library"],
         "error": _state["error"],
         "single_cpu_device": _single_cpu_device(),
@@ -218,18 +264,24 @@ def cpu_kernel_info() -> dict[str, Any]:
 def call(name: str, axes: tuple[int, ...], *operands: jax.Array) -> jax.Array:
     """Kernel ``name`` over the slices of ``axes`` (a contiguous block, checked by ``eligible``).
 
-    Trailing axes go to the row kernels as [rows, n]; a block followed by more axes goes to the
-    column kernels as [outer, n, inner]. Both are reshapes, never copies.
+    Trailing axes go to the row kernels as [..., n]; a block followed by more axes goes to the
+    column kernels as [..., n, inner]. The axes before the block are kept as they are (they may be
+    sharded); both are reshapes, never copies.
     """
     first = operands[0]
     layout = _layout(first.shape, axes)
     assert layout is not None
-    outer, n, inner = layout
+    _, n, inner = layout
+    leading = first.shape[: axes[0]]
     if inner == 1:
-        shape: tuple[int, ...] = (outer, n)
+        shape: tuple[int, ...] = (*leading, n)
     else:
-        shape, name = (outer, n, inner), f"{name}_columns"
+        shape, name = (*leading, n, inner), f"{name}_columns"
     flat = [operand.reshape(shape) for operand in operands]
-    out = jax.ShapeDtypeStruct(shape, first.dtype)
-    result = jax.ffi.ffi_call(f"jsoftmax_{name}", out, vmap_method="broadcast_all")(*flat)
+    result = jax.ffi.ffi_call(f"jsoftmax_{name}", jax.typeof(flat[0]), vmap_method="broadcast_all")(
+        *flat
+    )
     return result.reshape(first.shape)
+
+
+_load()

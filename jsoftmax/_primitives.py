@@ -16,9 +16,10 @@ the output ``y`` and nothing else, and every transformation (``vmap``, ``scan``,
 ``shard_map``, higher orders) composes the registered rules.
 
 Which implementation runs is decided here, per platform, when lowering: on CPU the hand-written
-kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``) and the
-computation is not being exported (``jax.export`` artifacts must run where jsoftmax's kernels do
-not exist); everywhere else the formulas of ``_formula.py``.
+kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``); on CUDA the
+Pallas kernel of ``_gpu.py`` for long rows; everywhere else, and whenever the computation is
+being exported (``jax.export`` artifacts must run where jsoftmax's kernels do not exist), the
+formulas of ``_formula.py``, which XLA fuses into one kernel per pass on GPU and TPU.
 
 This is the only module that uses JAX's rule registries (``jax.interpreters.ad``, ``batching``,
 ``mlir`` and ``jax.extend.core.Primitive``). They are public modules with a semi-public contract:
@@ -129,14 +130,28 @@ def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed) -> j
     return _kernel.call(_kernel_name(log, backward=True), axes, y, t)
 
 
-def _lowering(formula: Any, cpu_kernel: Any | None = None):
+def _normalize_cuda(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
+    # Long rows: the Pallas kernel of _gpu.py (one launch where XLA makes five); otherwise XLA's
+    # own fusion of the formula, one kernel per pass. Imported here: CPU users never load Pallas.
+    from . import _gpu
+
+    if axis_name is None and _gpu.applies(x.shape, axes):
+        rows = _formula.masked(x, *where).reshape(-1, x.shape[-1])
+        return _gpu.long_rows(rows, log=log).reshape(x.shape)
+    return _normalize_formula(x, *where, axes=axes, axis_name=axis_name, log=log, kernel=kernel)
+
+
+def _lowering(formula: Any, special: Any | None = None, *, cpu: bool = False):
+    """A lowering rule: ``special`` (a kernel) unless exporting, else ``formula``. On CPU the
+    kernels also need the bind-time check (param ``kernel``: dtype, layout, mode)."""
+
     def rule(ctx: Any, *args: Any, **params: Any) -> Any:
-        use_kernel = (
-            cpu_kernel is not None
-            and params.get("kernel", False)
+        use_special = (
+            special is not None
+            and (params.get("kernel", False) or not cpu)
             and not ctx.module_context.lowering_parameters.for_export
         )
-        chosen: Any = cpu_kernel if use_kernel else formula
+        chosen: Any = special if use_special else formula
         return mlir.lower_fun(partial(chosen, **params), multiple_results=False)(ctx, *args)
 
     return rule
@@ -149,7 +164,8 @@ for _primitive, _formula_fn, _cpu_fn in (
 ):
     mlir.register_lowering(_primitive, _lowering(_formula_fn))
     if _cpu_fn is not None:
-        mlir.register_lowering(_primitive, _lowering(_formula_fn, _cpu_fn), platform="cpu")
+        mlir.register_lowering(_primitive, _lowering(_formula_fn, _cpu_fn, cpu=True), "cpu")
+mlir.register_lowering(normalize_p, _lowering(_normalize_formula, _normalize_cuda), "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,10 +260,17 @@ def _operands(x: jax.Array, where: jax.Array | None) -> tuple[jax.Array, ...]:
 
 
 def normalize(
-    x: jax.Array, where: jax.Array | None, axes: _formula.Axes, axis_name: Any, *, log: bool
+    x: jax.Array,
+    where: jax.Array | None,
+    axes: _formula.Axes,
+    axis_name: Any,
+    *,
+    log: bool,
+    kernels: bool = True,
 ) -> jax.Array:
-    """softmax / log_softmax; the CPU kernels where ``_kernel.eligible`` allows them."""
-    kernel = bool(_kernel.eligible(x, axes, axis_name))
+    """softmax / log_softmax; the CPU kernels where ``_kernel.eligible`` allows them, unless
+    ``kernels`` is False (a caller whose surrounding XLA code fuses better without them)."""
+    kernel = kernels and bool(_kernel.eligible(x, axes, axis_name))
     return normalize_p.bind(
         *_operands(x, where), axes=axes, axis_name=axis_name, log=log, kernel=kernel
     )

@@ -27,8 +27,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from . import _kernel, _primitives
+from . import _formula, _kernel, _primitives
 from ._reductions import Axes, axis_size
 from ._validation import as_mask, check_input, normalize_axes
 
@@ -70,6 +71,27 @@ def _log_softmax_jit(
     kernel_mode: str = "auto",
 ) -> jax.Array:
     return _normalize_jit(x, where, axes, dtype, axis_name, kernel_mode, log=True)
+
+
+@partial(jax.jit, static_argnames=("axes", "dtype", "keepdims", "axis_name", "return_sign"))
+def _scaled_logsumexp_jit(
+    x: jax.Array,
+    b: jax.Array,
+    where: jax.Array | None,
+    axes: Axes,
+    dtype: Any,
+    keepdims: bool,
+    axis_name: Any,
+    return_sign: bool,
+) -> Any:
+    x = _formula.masked(x.astype(dtype), where)
+    value, sign = _formula.scaled_logsumexp(x, jnp.broadcast_to(b, x.shape), axes, axis_name)
+    if not keepdims:
+        value, sign = jnp.squeeze(value, axis=axes), jnp.squeeze(sign, axis=axes)
+    if return_sign:
+        return value, sign
+    # A negative sum has no real logarithm (jax.scipy's convention).
+    return jnp.where(sign < 0, jnp.nan, value)
 
 
 @partial(jax.jit, static_argnames=("axes", "dtype", "keepdims", "axis_name"))
@@ -116,10 +138,10 @@ def softmax(
       NaN cotangent there; without it, for any finite one). A slice with nothing unmasked
       gives 0 (jax.nn and torch give NaN). A +inf entry takes the limit: the +inf entries of a
       slice share probability 1 equally. NaN in a slice makes that slice NaN, and only that slice.
-      bf16/f16 are computed in float32 and rounded once. The backward pass is a hand-written
-      ``jax.custom_vjp`` (``y * (g - sum(g * y))``) that saves only the output; forward-mode
-      differentiation (``jax.jvp``, ``jax.jacfwd``, ``jax.hessian``) is not available, use
-      ``jax.jacrev(jax.jacrev(f))`` for second derivatives.
+      bf16/f16 are computed in float32 and rounded once. Every JAX transformation applies
+      (``grad``, ``jvp``, ``jacfwd``, ``hessian``, ``vmap``, ...): the tangent map
+      ``y * (t - sum(t * y))`` is hand-written and is its own transpose, so reverse mode saves
+      only the output and runs the same rule (the CPU backward kernel where it applies).
 
     Example:
       >>> import jax.numpy as jnp
@@ -178,9 +200,9 @@ def log_softmax(
       Masked and -inf entries give -inf with gradient 0; a slice with nothing unmasked gives -inf
       everywhere and gradient 0 (jax.nn and torch give NaN). +inf entries share the slice:
       ``-log(k)`` for k of them, -inf elsewhere. NaN in a slice makes that slice NaN. bf16/f16 are
-      computed in float32 and rounded once. The backward pass is a hand-written
-      ``jax.custom_vjp`` (``g - exp(y) * sum(g)``) that saves only the output; forward mode is
-      not available (see :func:`softmax`).
+      computed in float32 and rounded once. Every JAX transformation applies: the tangent map
+      ``t - sum(exp(y) * t)`` and its transpose ``g - exp(y) * sum(g)`` are hand-written, and
+      reverse mode saves only the output (see :func:`softmax`).
 
     Example:
       >>> import jax.numpy as jnp
@@ -207,7 +229,9 @@ def logsumexp(
     keepdims: bool = False,
     dtype: Any = None,
     axis_name: Any = None,
-) -> jax.Array:
+    b: Any = None,
+    return_sign: bool = False,
+) -> Any:
     r"""Log of the sum of exponentials along ``axis``, stable for any input.
 
     .. math::
@@ -224,15 +248,21 @@ def logsumexp(
       axis_name: inside ``jax.shard_map``, the mesh axis (or tuple of axes) over which ``axis``
         is split in equal shards: the result is the global one, and the backward pass reduces
         across ``axis_name`` too.
+      b: optional scale factors broadcastable to ``x``, as ``jax.scipy.special.logsumexp``'s:
+        computes ``log(sum(b * exp(x)))``; entries with ``b == 0`` are left out. Without
+        ``return_sign`` a negative sum gives NaN.
+      return_sign: also return the sign of the sum (-1, 0 or 1), as jax.scipy does.
 
     Returns:
-      ``x`` reduced over ``axis``, in ``x``'s (possibly cast) dtype.
+      ``x`` reduced over ``axis``, in ``x``'s (possibly cast) dtype; with ``return_sign``, the
+      pair ``(log|sum|, sign)``.
 
     Note:
       An empty or fully masked slice gives -inf with gradient 0 (jax.nn gives a NaN gradient).
       Any +inf entry gives +inf. NaN in a slice gives NaN for that slice. The backward pass is a
-      hand-written ``jax.custom_vjp`` (``softmax(x) * g``) that saves one array of ``x``'s size,
-      the probabilities.
+      hand-written rule (tangent ``sum(softmax(x) * t)``, reverse ``softmax(x) * g``) that saves
+      one array of ``x``'s size, the probabilities. With ``b`` the formula is plain JAX,
+      differentiated by JAX. Unlike ``jax.scipy``, ``axis`` defaults to the last axis.
 
     Example:
       >>> import jax.numpy as jnp
@@ -247,6 +277,22 @@ def logsumexp(
     mask = as_mask(where, array.shape, "logsumexp")
     if not isinstance(keepdims, bool):
         raise TypeError(f"logsumexp: keepdims expected a bool, got {keepdims!r}")
+    if not isinstance(return_sign, bool):
+        raise TypeError(f"logsumexp: return_sign expected a bool, got {return_sign!r}")
     if axis_name is not None:
         axis_size(axis_name, "logsumexp")
-    return _logsumexp_jit(array, mask, axes, out_dtype, keepdims, axis_name)
+    if b is None and not return_sign:
+        return _logsumexp_jit(array, mask, axes, out_dtype, keepdims, axis_name)
+    scale = jnp.ones((), out_dtype) if b is None else check_input(b, None, "logsumexp", "b")[0]
+    try:
+        broadcast = np.broadcast_shapes(scale.shape, array.shape)
+    except ValueError:
+        broadcast = None
+    if broadcast != array.shape:
+        raise ValueError(
+            f"logsumexp: b expected a shape that broadcasts to x's shape {array.shape}, "
+            f"got {scale.shape}"
+        )
+    return _scaled_logsumexp_jit(
+        array, scale, mask, axes, out_dtype, keepdims, axis_name, return_sign
+    )

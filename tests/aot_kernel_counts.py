@@ -35,8 +35,13 @@ TARGETS = ("h100", "v5e")
 
 
 def _count(target: str, fn, *shapes_and_dtypes) -> int:
+    """Kernels launched: XLA's fusions plus custom-call kernels (a Pallas/Triton call)."""
     args = [spec(target, shape, dtype) for shape, dtype in shapes_and_dtypes]
-    return len(fusions(compile_for(jax.jit(fn), *args)))
+    compiled = compile_for(jax.jit(fn), *args)
+    hlo = compiled.as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    launched = sum(1 for line in entry.splitlines() if "custom-call(" in line and "triton" in line)
+    return len(fusions(compiled)) + launched
 
 
 def _cases():

@@ -667,10 +667,34 @@ def test_loss_is_nonnegative_and_matches_reference(values, labels, smoothing):
         pytest.param(
             np.zeros((3, 4)),
             np.zeros(3, np.int32),
-            {"axis": (1,)},
+            {"axis": (1.5,)},
             TypeError,
-            r"cross_entropy: axis expected an int, got \(1,\)",
-            id="axis-tuple",
+            r"cross_entropy: axis expected an int or a tuple of ints, got 1.5",
+            id="axis-tuple-of-float",
+        ),
+        pytest.param(
+            np.zeros((3, 4)),
+            np.zeros(3, np.int32),
+            {"axis": (1, -1)},
+            ValueError,
+            r"cross_entropy: axis expected distinct axes",
+            id="axis-tuple-repeated",
+        ),
+        pytest.param(
+            np.zeros((3, 4)),
+            np.zeros(3, np.int32),
+            {"where": np.ones((2,), bool)},
+            ValueError,
+            r"cross_entropy: where expected a boolean mask broadcastable to the logits' shape",
+            id="where-shape",
+        ),
+        pytest.param(
+            np.zeros((3, 4)),
+            np.zeros(3, np.int32),
+            {"where": np.ones((3,))},
+            TypeError,
+            r"cross_entropy: where expected a boolean array, got dtype float",
+            id="where-dtype",
         ),
         pytest.param(
             np.zeros((3, 4)),
@@ -717,3 +741,64 @@ def test_loss_is_nonnegative_and_matches_reference(values, labels, smoothing):
 def test_bad_arguments_raise_clear_errors(logits, labels, options, error, match):
     with pytest.raises(error, match=match):
         jsoftmax.cross_entropy(logits, labels, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# optax's arguments: where= and a tuple of class axes
+
+
+def test_tuple_of_class_axes_matches_optax():
+    optax = pytest.importorskip("optax")
+    logits = random_logits((2, 3, 4, 5), seed=40)
+    labels = jnp.asarray(np.random.default_rng(41).integers(0, 20, (2, 3)))
+    ours = jsoftmax.cross_entropy(logits, labels, axis=(2, 3), reduction="none")
+    theirs = optax.softmax_cross_entropy_with_integer_labels(logits, labels, axis=(2, 3))
+    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=2e-6)
+    grad = jax.grad(lambda x: jsoftmax.cross_entropy(x, labels, axis=(-1, 2), reduction="sum"))
+    reference = jax.grad(
+        lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels, axis=(2, 3)).sum()
+    )
+    np.testing.assert_allclose(to_f64(grad(logits)), to_f64(reference(logits)), atol=1e-6)
+
+
+@pytest.mark.parametrize("per", ["logit", "row"])
+def test_where_matches_optax_where_the_label_is_kept(per):
+    optax = pytest.importorskip("optax")
+    logits = random_logits((6, 7), seed=42)
+    labels = jnp.array([0, 6, 3, 2, 5, 1])
+    rng = np.random.default_rng(43)
+    if per == "logit":
+        mask = rng.random((6, 7)) > 0.3
+        mask[np.arange(6), np.asarray(labels)] = True  # optax keeps a masked label's logit
+    else:
+        mask = np.array([True, False, True, True, False, True])
+    ours = jsoftmax.cross_entropy(logits, labels, where=mask, reduction="none")
+    theirs = optax.softmax_cross_entropy_with_integer_labels(logits, labels, where=mask)
+    np.testing.assert_allclose(to_f64(ours), to_f64(theirs), rtol=2e-6)
+    grad = jax.grad(lambda x: jsoftmax.cross_entropy(x, labels, where=mask, reduction="sum"))
+    reference = jax.grad(
+        lambda x: optax.softmax_cross_entropy_with_integer_labels(x, labels, where=mask).sum()
+    )
+    np.testing.assert_allclose(to_f64(grad(logits)), to_f64(reference(logits)), atol=1e-6)
+
+
+def test_where_per_row_is_an_ignored_label_even_with_nan_logits():
+    logits = random_logits((4, 5), seed=44).at[1].set(jnp.nan)
+    labels = jnp.array([0, 1, 2, 3])
+    rows = np.array([True, False, True, True])
+    loss, grad = jax.value_and_grad(lambda x: jsoftmax.cross_entropy(x, labels, where=rows))(logits)
+    expected = jsoftmax.cross_entropy(logits[rows], labels[rows])
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(grad)[1], 0.0)
+
+
+def test_where_per_logit_masks_a_label_to_infinity():
+    # jsoftmax's rule: a masked class with positive target mass costs +inf (optax would use the
+    # label's unmasked logit); the other rows are unaffected and the gradient stays finite.
+    logits = random_logits((2, 4), seed=45)
+    mask = np.ones((2, 4), bool)
+    mask[0, 1] = False
+    loss = jsoftmax.cross_entropy(logits, jnp.array([1, 2]), where=mask, reduction="none")
+    assert float(loss[0]) == np.inf and np.isfinite(float(loss[1]))
+    grad = jax.grad(lambda x: jsoftmax.cross_entropy(x, jnp.array([1, 2]), where=mask))(logits)
+    assert np.isfinite(np.asarray(grad)).all() and float(grad[0, 1]) == 0.0

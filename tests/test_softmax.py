@@ -536,3 +536,47 @@ def test_vmap_over_mask():
     masks = jnp.array([[True] * 5, [False] * 5, [True, False] * 2 + [True]])
     out = jax.vmap(lambda row, m: jsoftmax.softmax(row, where=m))(x, masks)
     np.testing.assert_allclose(to_f64(out), ref_softmax(x, -1, masks), atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp's jax.scipy arguments
+
+
+@pytest.mark.parametrize("return_sign", [False, True])
+def test_logsumexp_b_and_return_sign_match_jax_scipy(return_sign):
+    x = random_logits((4, 6), seed=60)
+    b = jnp.asarray(np.random.default_rng(61).standard_normal((4, 6)), jnp.float32).at[0, 2].set(0)
+    ours = jsoftmax.logsumexp(x, b=b, return_sign=return_sign)
+    theirs = jax.scipy.special.logsumexp(x, axis=-1, b=b, return_sign=return_sign)
+    for mine, reference in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(np.asarray(mine), np.asarray(reference), rtol=1e-6)
+
+    def value(x, b):
+        return jnp.sum(jsoftmax.logsumexp(x, b=b, return_sign=True)[0])
+
+    def reference_value(x, b):
+        return jnp.sum(jax.scipy.special.logsumexp(x, axis=-1, b=b, return_sign=True)[0])
+
+    for argnum in (0, 1):
+        np.testing.assert_allclose(
+            np.asarray(jax.grad(value, argnum)(x, b)),
+            np.asarray(jax.grad(reference_value, argnum)(x, b)),
+            rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+
+
+def test_logsumexp_b_keeps_the_masking_rules():
+    x = jnp.array([[0.0, 1.0], [-jnp.inf, -jnp.inf], [jnp.inf, 0.0]])
+    value, sign = jsoftmax.logsumexp(x, b=jnp.array([2.0, 1.0]), return_sign=True)
+    np.testing.assert_allclose(float(value[0]), np.log(2 + np.e), rtol=1e-6)
+    assert float(value[1]) == -np.inf and float(sign[1]) == 0.0
+    assert float(value[2]) == np.inf and float(sign[2]) == 1.0
+    grad = jax.grad(lambda x: jsoftmax.logsumexp(x[1:2], b=jnp.array([2.0, 1.0])).sum())(x)
+    np.testing.assert_array_equal(np.asarray(grad), 0.0)  # an empty slice: gradient 0, not NaN
+
+
+def test_logsumexp_b_errors_name_the_argument():
+    with pytest.raises(ValueError, match="logsumexp: b expected a shape that broadcasts"):
+        jsoftmax.logsumexp(jnp.ones((2, 3)), b=jnp.ones(4))
+    with pytest.raises(TypeError, match="logsumexp: return_sign expected a bool"):
+        jsoftmax.logsumexp(jnp.ones(3), return_sign=1)

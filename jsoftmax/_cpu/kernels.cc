@@ -1,5 +1,7 @@
-// jsoftmax CPU kernels, called from XLA through its FFI (jsoftmax/_kernel.py compiles this file
-// for the machine it runs on and registers the handlers).
+// jsoftmax CPU kernels, called from XLA through its FFI. CMakeLists.txt builds this file once per
+// instruction set (JSOFTMAX_ISA: generic, avx2, avx512, avx512bf16) into separate libraries;
+// jsoftmax/_kernel.py asks the generic one which the CPU supports, loads that one and registers
+// its handlers.
 //
 // softmax / log_softmax over the last axis, forward and backward, one row at a time: a row is
 // read from memory once and stays in cache for the kernel's passes over it, where XLA's fusions
@@ -382,12 +384,10 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& bod
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// Output buffers arrive unbacked: glibc maps every block above 32 MiB afresh, and every 4 KiB page
-// faults on first write. On this project's VM that costs more than the softmax itself (a fresh
-// 64 MiB buffer: ~30 ms of faults, ~4 ms with 2 MiB pages; but ~170 ms when the huge pages come
-// from memory the host has not backed yet: benchmarks/NOTES.md). Asking for transparent huge
-// pages on the 2 MiB-aligned interior of a large output is advice only: it changes no value and
-// is ignored where THP is off. JSOFTMAX_CPU_HUGE_PAGES=0 (read once per process) turns it off.
+// Output buffers arrive unbacked and every 4 KiB page faults on first write, which can cost more
+// than the softmax itself; transparent huge pages on the 2 MiB-aligned interior of a large output
+// cut that (advice only: no value changes, ignored where THP is off). JSOFTMAX_CPU_HUGE_PAGES=0,
+// read once per process, turns it off.
 bool huge_pages_wanted() {
   static const bool wanted = [] {
     const char* value = std::getenv("JSOFTMAX_CPU_HUGE_PAGES");
@@ -627,19 +627,50 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
 
 }  // namespace
 
+// Only the handlers and the two functions below are exported (the libraries build with hidden
+// visibility, so variants loaded side by side share no symbols).
+#define JSOFTMAX_EXPORT extern "C" __attribute__((visibility("default")))
 #define JSOFTMAX_FORWARD(name, impl)                                           \
+  JSOFTMAX_EXPORT XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                    \
                                 ffi::Ffi::Bind()                               \
                                     .Ctx<ffi::ThreadPool>()                    \
                                     .Arg<ffi::AnyBuffer>()                     \
                                     .Ret<ffi::AnyBuffer>())
 #define JSOFTMAX_BACKWARD(name, impl)                                          \
+  JSOFTMAX_EXPORT XLA_FFI_Error* name(XLA_FFI_CallFrame* call_frame);          \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, impl,                                    \
                                 ffi::Ffi::Bind()                               \
                                     .Ctx<ffi::ThreadPool>()                    \
                                     .Arg<ffi::AnyBuffer>()                     \
                                     .Arg<ffi::AnyBuffer>()                     \
                                     .Ret<ffi::AnyBuffer>())
+
+#define JSOFTMAX_STRING_(x) #x
+#define JSOFTMAX_STRING(x) JSOFTMAX_STRING_(x)
+#ifndef JSOFTMAX_ISA
+#error "build with -DJSOFTMAX_ISA=<variant> (CMakeLists.txt does)"
+#endif
+
+// The instruction set this library was compiled for.
+JSOFTMAX_EXPORT const char* jsoftmax_isa() { return JSOFTMAX_STRING(JSOFTMAX_ISA); }
+
+// The best variant this CPU (and its OS) can run; only ever called in the generic library, whose
+// code runs everywhere. __builtin_cpu_supports also checks that the OS saves the wider registers.
+JSOFTMAX_EXPORT const char* jsoftmax_cpu_isa() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("f16c");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512vl");
+  if (avx512 && __builtin_cpu_supports("avx512bf16")) return "avx512bf16";
+  if (avx512) return "avx512";
+  if (avx2) return "avx2";
+#endif
+  return "generic";
+}
 
 namespace {
 // Rows: the reduced axes are the trailing ones, operands arrive as [..., n].
