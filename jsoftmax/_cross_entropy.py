@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ._reductions import axis_size, compute_dtype, global_max, global_sum
-from ._validation import check_input, is_arraylike
+from ._validation import check_ignore_index, check_input, is_arraylike
 
 _REDUCTIONS = ("mean", "sum", "none")
 Axes = tuple[int, ...]
@@ -693,6 +693,7 @@ def cross_entropy(
     weight_array = _check_weight(weight, num_classes)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, jnp.integer)):
         raise TypeError(f"cross_entropy: ignore_index expected an int, got {ignore_index!r}")
+    check_ignore_index(operator.index(ignore_index), targets.dtype, "cross_entropy")
     if jnp.issubdtype(targets.dtype, jnp.floating) and ignore_index >= 0:
         # torch refuses this too: a class index cannot be ignored in a probability target.
         raise ValueError(

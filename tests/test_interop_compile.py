@@ -75,11 +75,24 @@ def test_opcheck_cross_entropy_ops():
     labels = torch.tensor([0, 2, 1, -100])
     probabilities = torch.softmax(_leaf(4, 3, seed=3), 1).detach().requires_grad_()
     weight = torch.tensor([1.0, 2.0, 0.5])
-    op = _cross_entropy._cross_entropy_op
-    torch.library.opcheck(op, (logits, labels, weight, 1, -100, "mean", 0.1, True, False))
-    torch.library.opcheck(op, (logits, probabilities, None, 1, -100, "none", 0.0, True, True))
-    unit = _leaf(4, 3, seed=4).detach()
-    torch.library.opcheck(_cross_entropy._scale_op, (unit, torch.tensor(2.0), 1))
+    op = _cross_entropy._forward_op
+    torch.library.opcheck(op, (logits, labels, weight, 1, -100, "mean", 0.1))
+    torch.library.opcheck(op, (logits, probabilities, None, 1, -100, "none", 0.0))
+    backward = _cross_entropy._backward_op
+    grad_loss = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    torch.library.opcheck(
+        backward, (grad_loss, logits, labels, weight, 1, -100, "none", 0.1, False)
+    )
+    torch.library.opcheck(
+        backward, (torch.tensor(2.0), logits, probabilities, None, 1, -100, "mean", 0.0, True)
+    )
+    # Its own derivative (a third derivative) raises by design: opcheck it without grad.
+    grad_grads = [_leaf(4, 3, seed=4).detach(), _leaf(4, 3, seed=5).detach()]
+    primals = (logits.detach(), probabilities.detach())
+    torch.library.opcheck(
+        _cross_entropy._double_backward_op,
+        (grad_grads, torch.tensor(2.0), *primals, None, 1, -100, "mean", 0.0),
+    )
 
 
 def test_compiled_cross_entropy_loss_matches_torch():

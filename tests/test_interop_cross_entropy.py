@@ -169,31 +169,36 @@ def test_gradcheck_float64(layout):
     assert torch.autograd.gradcheck(loss, inputs)
 
 
-def test_double_backward_raises_instead_of_dropping_terms():
-    logits, target, _ = _case("rows", {})
-    (grad,) = torch.autograd.grad(interop.cross_entropy(logits, target), logits, create_graph=True)
-    assert grad.requires_grad  # not silently a constant
-    with pytest.raises(RuntimeError, match=r"second derivatives .* are not implemented"):
-        (grad**2).sum().backward()
+def test_double_backward_matches_torch_and_third_order_raises():
+    results = []
+    for fn in (interop.cross_entropy, F.cross_entropy):
+        logits, target, _ = _case("rows", {})
+        (grad,) = torch.autograd.grad(fn(logits, target), logits, create_graph=True)
+        (grad_of_grad,) = torch.autograd.grad((grad**2).sum(), logits, create_graph=True)
+        results.append(grad_of_grad)
+    torch.testing.assert_close(results[0], results[1])
+    with pytest.raises(RuntimeError, match="order three and above are not implemented"):
+        results[0].sum().backward()
 
 
-def test_gradients_are_computed_only_when_needed(monkeypatch):
+def test_forward_computes_the_loss_only_and_backward_only_needed_gradients(monkeypatch):
     calls = []
-    original = _cross_entropy._jax_cross_entropy
+    original = _cross_entropy._jax_backward
 
     def recording(*args, **kwargs):
-        calls.append((kwargs["input_grad"], kwargs["target_grad"]))
+        calls.append(kwargs["differentiable_target"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_cross_entropy, "_jax_cross_entropy", recording)
+    monkeypatch.setattr(_cross_entropy, "_jax_backward", recording)
     logits, target, _ = _case("rows_probabilities", {})
     with torch.no_grad():
         under_no_grad = interop.cross_entropy(logits, target)
     assert not under_no_grad.requires_grad
-    interop.cross_entropy(logits.detach(), target.detach())
-    interop.cross_entropy(logits, target.detach())
     interop.cross_entropy(logits, target)
-    assert calls == [(False, False), (False, False), (True, False), (True, True)]
+    assert calls == []  # no gradient work in the forward pass
+    interop.cross_entropy(logits, target.detach()).backward()
+    interop.cross_entropy(logits, target).backward()
+    assert calls == [False, True]
     torch.testing.assert_close(under_no_grad, F.cross_entropy(logits, target).detach())
 
 

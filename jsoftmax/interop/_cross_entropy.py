@@ -1,12 +1,20 @@
 """torch-facing cross-entropy: ``jsoftmax.cross_entropy`` with torch's conventions (class dim 1).
 
-One custom op, ``jsoftmax::cross_entropy``, runs the loss and, when torch will need it, the JAX
-VJP of :func:`jsoftmax.cross_entropy` at a unit cotangent, in the same jitted call: every loss
-element depends on its own row only, so the gradient for any incoming cotangent is that unit
-gradient scaled row by row, which the backward op ``jsoftmax::cross_entropy_scale`` does. The
-unit gradient is saved instead of the logits (the same size), and no forward work is repeated.
-Second derivatives would need the JAX VJP's own derivative: differentiating the backward pass
-raises a clear error instead of returning a wrong (partial) answer.
+Three custom ops, all computed by JAX from :func:`jsoftmax.cross_entropy`:
+
+* ``jsoftmax::cross_entropy`` runs the loss (no gradient work in the forward pass);
+* ``jsoftmax::cross_entropy_backward`` runs its JAX VJP from the saved logits and target (one
+  logits-sized tensor kept, as before: the input instead of a precomputed gradient);
+* ``jsoftmax::cross_entropy_double_backward`` runs the VJP of that VJP, so second derivatives are
+  exact; a third derivative raises.
+
+Eager calls go through :class:`_CrossEntropy` (and :class:`_CrossEntropyGrad` for its gradient),
+``autograd.Function``s over those ops with ``setup_context``, so ``torch.func`` works, and with
+forward-mode rules: every loss element depends on its own row only, so its tangent is the row's
+gradient (the backward op at a unit cotangent) dotted with the row's tangent; the gradient's
+tangent is the double backward along the primal tangents (a Hessian is symmetric).
+``torch.compile`` cannot trace an ``autograd.Function`` with a forward-mode rule, so there the ops
+are recorded with the same formulas registered as their autograd.
 """
 
 from __future__ import annotations
@@ -22,39 +30,34 @@ import torch
 import jsoftmax
 
 from ._convert import export_array, x64_scope
-from ._ops import FLOAT_DTYPES, check_float_tensor, import_compact
+from ._ops import (
+    FLOAT_DTYPES,
+    check_float_tensor,
+    differentiated,
+    eager_tensors,
+    forward_ad_under_compile,
+    import_compact,
+    recorded,
+    refuse_nested_forward_mode,
+    run_eagerly,
+)
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 # --------------------------------------------------------------------------------------------
-# the JAX side
+# the JAX side: the loss, its VJP and the VJP of that VJP, all from jsoftmax.cross_entropy
+
+_STATIC = ("input_shape", "target_shape", "axis", "ignore_index", "label_smoothing", "reduction")
 
 
-@partial(
-    jax.jit,
-    static_argnames=(
-        "input_shape", "target_shape", "axis", "ignore_index", "label_smoothing", "reduction",
-        "input_grad", "target_grad",
-    ),
-)  # fmt: skip
-def _jax_cross_entropy(
-    logits: jax.Array,
-    target: jax.Array,
+def _loss_function(
     weight: jax.Array | None,
-    *,
-    input_shape: tuple[int, ...],
-    target_shape: tuple[int, ...],
     axis: int,
     ignore_index: int,
     label_smoothing: float,
     reduction: str,
-    input_grad: bool,
-    target_grad: bool,
-) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
-    logits = jnp.broadcast_to(logits, input_shape)
-    target = jnp.broadcast_to(target, target_shape)
-
+) -> Any:
     def loss_of(logits: jax.Array, target: jax.Array) -> jax.Array:
         return jsoftmax.cross_entropy(
             logits,
@@ -66,23 +69,146 @@ def _jax_cross_entropy(
             reduction=reduction,
         )
 
-    if target_grad:
-        loss, pullback = jax.vjp(loss_of, logits, target)
-        logits_grad, target_grad_unit = pullback(jnp.ones_like(loss))
-        return loss, logits_grad if input_grad else None, target_grad_unit
-    if input_grad:
-        loss, pullback = jax.vjp(lambda logits: loss_of(logits, target), logits)
-        (logits_grad,) = pullback(jnp.ones_like(loss))
-        return loss, logits_grad, None
-    return loss_of(logits, target), None, None
+    return loss_of
+
+
+def _gradient_function(loss_of: Any, differentiable_target: bool) -> Any:
+    """``(grad_loss, logits, target) -> gradients``: the logits' (and a probability target's)."""
+
+    def gradients(
+        grad_loss: jax.Array, logits: jax.Array, target: jax.Array
+    ) -> tuple[jax.Array, ...]:
+        if differentiable_target:
+            _, pullback = jax.vjp(loss_of, logits, target)
+            grads: tuple[jax.Array, ...] = pullback(grad_loss)
+            return grads
+        _, pullback = jax.vjp(lambda logits: loss_of(logits, target), logits)
+        return tuple(pullback(grad_loss))
+
+    return gradients
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _jax_loss(
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    *,
+    input_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    axis: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+) -> jax.Array:
+    loss_of = _loss_function(weight, axis, ignore_index, label_smoothing, reduction)
+    loss: jax.Array = loss_of(
+        jnp.broadcast_to(logits, input_shape), jnp.broadcast_to(target, target_shape)
+    )
+    return loss
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "differentiable_target"))
+def _jax_backward(
+    grad_loss: jax.Array,
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    *,
+    input_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    axis: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    differentiable_target: bool,
+) -> tuple[jax.Array, ...]:
+    loss_of = _loss_function(weight, axis, ignore_index, label_smoothing, reduction)
+    gradients = _gradient_function(loss_of, differentiable_target)
+    logits = jnp.broadcast_to(logits, input_shape)
+    target = jnp.broadcast_to(target, target_shape)
+    grad_loss = jnp.broadcast_to(grad_loss, jax.eval_shape(loss_of, logits, target).shape)
+    return gradients(grad_loss.astype(logits.dtype), logits, target)
+
+
+@partial(jax.jit, static_argnames=(*_STATIC, "differentiable_target"))
+def _jax_double_backward(
+    grad_grads: tuple[jax.Array, ...],
+    grad_loss: jax.Array,
+    logits: jax.Array,
+    target: jax.Array,
+    weight: jax.Array | None,
+    *,
+    input_shape: tuple[int, ...],
+    target_shape: tuple[int, ...],
+    axis: int,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    differentiable_target: bool,
+) -> tuple[jax.Array, ...]:
+    """The VJP of :func:`_jax_backward`: cotangents for ``grad_loss``, logits and target."""
+    loss_of = _loss_function(weight, axis, ignore_index, label_smoothing, reduction)
+    gradients = _gradient_function(loss_of, differentiable_target)
+    logits = jnp.broadcast_to(logits, input_shape)
+    target = jnp.broadcast_to(target, target_shape)
+    grad_loss = jnp.broadcast_to(grad_loss, jax.eval_shape(loss_of, logits, target).shape)
+    grad_loss = grad_loss.astype(logits.dtype)
+    cotangents = tuple(
+        jnp.broadcast_to(grad, primal.shape)
+        for grad, primal in zip(grad_grads, (logits, target), strict=False)
+    )
+    if differentiable_target:
+        _, pullback = jax.vjp(gradients, grad_loss, logits, target)
+        grads: tuple[jax.Array, ...] = pullback(cotangents)
+        return grads
+    _, pullback = jax.vjp(lambda g, x: gradients(g, x, target), grad_loss, logits)
+    return tuple(pullback(cotangents))
 
 
 # --------------------------------------------------------------------------------------------
-# custom ops
+# custom ops: forward, backward, double backward
 
 
-@torch.library.custom_op("jsoftmax::cross_entropy", mutates_args=())
-def _cross_entropy_op(
+def _options(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    class_dim: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> dict[str, Any]:
+    return {
+        "input_shape": tuple(input.shape),
+        "target_shape": tuple(target.shape),
+        "axis": class_dim,
+        "ignore_index": ignore_index,
+        "label_smoothing": label_smoothing,
+        "reduction": reduction,
+    }
+
+
+def _import(
+    fname: str, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    return (
+        import_compact(input, fname, "input"),
+        import_compact(target, fname, "target"),
+        None if weight is None else import_compact(weight, fname, "weight"),
+    )
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype, ...]:
+    return tuple(tensor.dtype for tensor in tensors if tensor is not None)
+
+
+def _loss_shape(input: torch.Tensor, class_dim: int, reduction: str) -> torch.Size:
+    if reduction == "none":
+        return input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    return torch.Size([])
+
+
+def _cross_entropy_forward(
     input: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
@@ -90,36 +216,72 @@ def _cross_entropy_op(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
-    input_grad: bool,
-    target_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    fname = "cross_entropy"
-    dtypes = (input.dtype, target.dtype) + (() if weight is None else (weight.dtype,))
-    with x64_scope(*dtypes):
-        loss, logits_grad, target_grad_unit = _jax_cross_entropy(
-            import_compact(input, fname, "input"),
-            import_compact(target, fname, "target"),
-            None if weight is None else import_compact(weight, fname, "weight"),
-            input_shape=tuple(input.shape),
-            target_shape=tuple(target.shape),
-            axis=class_dim,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            reduction=reduction,
-            input_grad=input_grad,
-            target_grad=target_grad,
+) -> torch.Tensor:
+    with x64_scope(*_dtypes(input, target, weight)):
+        loss = _jax_loss(
+            *_import("cross_entropy", input, target, weight),
+            **_options(input, target, class_dim, ignore_index, reduction, label_smoothing),
         )
-        # Unused gradients come back empty: the op's outputs must be tensors.
-        return (
-            export_array(loss, None),
-            input.new_empty(0) if logits_grad is None else export_array(logits_grad, None),
-            target.new_empty(0)
-            if target_grad_unit is None
-            else export_array(target_grad_unit, None),
-        )
+        return export_array(loss, None)
 
 
-@_cross_entropy_op.register_fake
+def _cross_entropy_backward(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_dim: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    differentiable_target: bool,
+) -> list[torch.Tensor]:
+    fname = "cross_entropy backward"
+    with x64_scope(*_dtypes(grad_loss, input, target, weight)):
+        grads = _jax_backward(
+            import_compact(grad_loss, fname, "grad_loss"),
+            *_import(fname, input, target, weight),
+            **_options(input, target, class_dim, ignore_index, reduction, label_smoothing),
+            differentiable_target=differentiable_target,
+        )
+        return [export_array(grad, None) for grad in grads]
+
+
+def _cross_entropy_double_backward(
+    grad_grads: list[torch.Tensor],
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_dim: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> list[torch.Tensor]:
+    fname = "cross_entropy double backward"
+    with x64_scope(*_dtypes(grad_loss, input, target, weight)):
+        grads = _jax_double_backward(
+            tuple(import_compact(grad, fname, "grad_grads") for grad in grad_grads),
+            import_compact(grad_loss, fname, "grad_loss"),
+            *_import(fname, input, target, weight),
+            **_options(input, target, class_dim, ignore_index, reduction, label_smoothing),
+            differentiable_target=len(grad_grads) == 2,
+        )
+        return [export_array(grad, None) for grad in grads]
+
+
+_forward_op = torch.library.custom_op("jsoftmax::cross_entropy", mutates_args=())(
+    _cross_entropy_forward
+)
+_backward_op = torch.library.custom_op("jsoftmax::cross_entropy_backward", mutates_args=())(
+    _cross_entropy_backward
+)
+_double_backward_op = torch.library.custom_op(
+    "jsoftmax::cross_entropy_double_backward", mutates_args=()
+)(_cross_entropy_double_backward)
+
+
+@_forward_op.register_fake
 def _(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -128,65 +290,289 @@ def _(
     ignore_index: int,
     reduction: str,
     label_smoothing: float,
-    input_grad: bool,
-    target_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if reduction == "none":
-        loss_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    else:
-        loss_shape = torch.Size([])
-    return (
-        input.new_empty(loss_shape),
-        input.new_empty(input.shape if input_grad else (0,)),
-        target.new_empty(target.shape if target_grad else (0,)),
-    )
+) -> torch.Tensor:
+    return input.new_empty(_loss_shape(input, class_dim, reduction))
 
 
-@torch.library.custom_op("jsoftmax::cross_entropy_scale", mutates_args=())
-def _scale_op(unit_grad: torch.Tensor, grad_loss: torch.Tensor, class_dim: int) -> torch.Tensor:
-    """``unit_grad`` times the incoming cotangent, broadcast along the class dim per row."""
-    scale = grad_loss if grad_loss.ndim == 0 else grad_loss.unsqueeze(class_dim)
-    return (unit_grad * scale).to(unit_grad.dtype)
+@_backward_op.register_fake
+def _(
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_dim: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    differentiable_target: bool,
+) -> list[torch.Tensor]:
+    grads = [input.new_empty(input.shape)]
+    return [*grads, target.new_empty(target.shape)] if differentiable_target else grads
 
 
-@_scale_op.register_fake
-def _(unit_grad: torch.Tensor, grad_loss: torch.Tensor, class_dim: int) -> torch.Tensor:
-    return unit_grad.new_empty(unit_grad.shape)
+@_double_backward_op.register_fake
+def _(
+    grad_grads: list[torch.Tensor],
+    grad_loss: torch.Tensor,
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    class_dim: int,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+) -> list[torch.Tensor]:
+    grads = [grad_loss.new_empty(grad_loss.shape), input.new_empty(input.shape)]
+    return [*grads, target.new_empty(target.shape)] if len(grad_grads) == 2 else grads
 
 
-def _save_unit_grads(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
-    _, logits_grad, target_grad_unit = output
-    ctx.class_dim = inputs[3]
-    # The unit gradients stay differentiable outputs on purpose: with create_graph=True the
-    # scaled gradient then depends on them through cross_entropy_scale, whose derivative
-    # raises, instead of passing for a constant and silently dropping second-order terms.
-    ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody uses
-    ctx.save_for_backward(logits_grad, target_grad_unit)
-
-
-def _cross_entropy_grad(ctx: Any, grad_loss: torch.Tensor | None, *unused: Any) -> tuple[Any, ...]:
-    logits_grad, target_grad_unit = ctx.saved_tensors
-    input_grad = target_grad = None
-    if grad_loss is None:
-        return input_grad, target_grad, None, None, None, None, None, None, None
-    if ctx.needs_input_grad[0]:
-        input_grad = _scale_op(logits_grad, grad_loss, ctx.class_dim)
-    if ctx.needs_input_grad[1]:
-        target_grad = _scale_op(target_grad_unit, grad_loss, ctx.class_dim)
-    return input_grad, target_grad, None, None, None, None, None, None, None
-
-
-def _second_derivative(ctx: Any, *grads: Any) -> tuple[Any, ...]:
+def _third_derivative(ctx: Any, *grads: Any) -> Any:
     raise RuntimeError(
-        "jsoftmax.interop cross_entropy: second derivatives (differentiating the backward pass) "
-        "are not implemented"
+        "jsoftmax.interop cross_entropy: derivatives of order three and above are not "
+        "implemented (first and second derivatives are)"
     )
 
 
+# The ops' own autograd formulas, used where the ops are recorded (torch.compile, which cannot
+# trace an autograd.Function with a forward-mode rule); eager calls use the Functions below.
+
+
+def _save_inputs(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    input, target, weight, *ctx.options = inputs
+    ctx.save_for_backward(input, target, weight)
+
+
+def _loss_grad(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+    input, target, weight = ctx.saved_tensors
+    differentiable_target = bool(ctx.needs_input_grad[1])
+    grads = _backward_op(grad_loss, input, target, weight, *ctx.options, differentiable_target)
+    grad_target = grads[1] if differentiable_target else None
+    return (grads[0], grad_target) + (None,) * (1 + len(ctx.options))
+
+
+def _save_grad_inputs(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    grad_loss, input, target, weight, *ctx.options, _ = inputs
+    ctx.save_for_backward(grad_loss, input, target, weight)
+
+
+def _grad_grad(ctx: Any, grad_grads: list[torch.Tensor | None]) -> tuple[Any, ...]:
+    grad_loss, input, target, weight = ctx.saved_tensors
+    filled = [
+        torch.zeros_like(primal) if grad is None else grad
+        for grad, primal in zip(grad_grads, (input, target), strict=False)
+    ]
+    grads = _double_backward_op(filled, grad_loss, input, target, weight, *ctx.options)
+    grad_target = grads[2] if len(grads) == 3 else None
+    return (grads[0], grads[1], grad_target) + (None,) * (2 + len(ctx.options))
+
+
+torch.library.register_autograd("jsoftmax::cross_entropy", _loss_grad, setup_context=_save_inputs)
 torch.library.register_autograd(
-    "jsoftmax::cross_entropy", _cross_entropy_grad, setup_context=_save_unit_grads
+    "jsoftmax::cross_entropy_backward", _grad_grad, setup_context=_save_grad_inputs
 )
-torch.library.register_autograd("jsoftmax::cross_entropy_scale", _second_derivative)
+torch.library.register_autograd("jsoftmax::cross_entropy_double_backward", _third_derivative)
+
+
+def _call(implementation: Any, op: Any, *args: Any) -> Any:
+    """The implementation directly for plain untracked eager tensors, else the recorded op."""
+    tensors = [arg for arg in args if isinstance(arg, torch.Tensor)]
+    tensors += [t for arg in args if isinstance(arg, list) for t in arg]
+    if eager_tensors(*tensors) and not differentiated(*tensors):
+        return implementation(*args)
+    return op(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# autograd: one Function for the loss, one for its gradient (so that it is differentiable)
+
+
+def _vmap_by_loop(function: Any, batch_size: int, in_dims: tuple[Any, ...], *args: Any) -> Any:
+    """A vmap rule that applies ``function`` to one batch element at a time and stacks."""
+
+    def element(index: int) -> list[Any]:
+        return [
+            arg if in_dim is None else arg.select(in_dim, index)
+            for arg, in_dim in zip(args, in_dims, strict=True)
+        ]
+
+    results = [function.apply(*element(index)) for index in range(batch_size)]
+    if isinstance(results[0], tuple):
+        stacked = tuple(torch.stack(outputs) for outputs in zip(*results, strict=True))
+        return stacked, (0,) * len(stacked)
+    return torch.stack(results), 0
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """Loss forward; backward through :class:`_CrossEntropyGrad`; forward mode from it."""
+
+    @staticmethod
+    def forward(
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        *options: Any,
+    ) -> torch.Tensor:
+        out: torch.Tensor = _call(
+            _cross_entropy_forward, _forward_op, input, target, weight, *options
+        )
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
+        input, target, weight, *ctx.options = inputs
+        ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        input, target, weight = ctx.saved_tensors
+        differentiable_target = bool(ctx.needs_input_grad[1])
+        grads = _CrossEntropyGrad.apply(
+            grad_loss, input, target, weight, differentiable_target, *ctx.options
+        )
+        grad_target = grads[1] if differentiable_target else None
+        return (grads[0], grad_target) + (None,) * (1 + len(ctx.options))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+        return _vmap_by_loop(_CrossEntropy, info.batch_size, in_dims, *args)
+
+    @staticmethod
+    def jvp(ctx: Any, input_tangent: Any, target_tangent: Any, *unused: Any) -> torch.Tensor:
+        refuse_nested_forward_mode("cross_entropy")
+        # Every loss element depends on its own row only, so its tangent is the row's unit
+        # gradient dotted with the row's tangent (summed over everything for mean and sum).
+        input, target, weight = ctx.saved_tensors
+        class_dim, _, reduction, _ = ctx.options
+        differentiable_target = target_tangent is not None
+        unit = input.new_ones(_loss_shape(input, class_dim, reduction))
+        grads = _CrossEntropyGrad.apply(
+            unit, input, target, weight, differentiable_target, *ctx.options
+        )
+        products = []
+        if input_tangent is not None:
+            products.append(grads[0] * input_tangent)
+        if differentiable_target:
+            products.append(grads[1] * target_tangent)
+        product = products[0] if len(products) == 1 else products[0] + products[1]
+        if reduction == "none":
+            return product.sum(class_dim).to(input.dtype)
+        return product.sum().to(input.dtype)
+
+
+class _CrossEntropyGrad(torch.autograd.Function):
+    """``(grad_loss, input, target) -> (grad_input[, grad_target])`` with its own derivatives.
+
+    Its VJP (double backward) is the JAX VJP of the gradient; its forward mode uses that the
+    derivative of a gradient is the Hessian, which is symmetric: the tangent of the gradient
+    along ``(t_input, t_target)`` is the double backward with those as cotangents.
+    """
+
+    @staticmethod
+    def forward(
+        grad_loss: torch.Tensor,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        differentiable_target: bool,
+        *options: Any,
+    ) -> tuple[torch.Tensor, ...]:
+        grads = _call(
+            _cross_entropy_backward,
+            _backward_op,
+            grad_loss,
+            input,
+            target,
+            weight,
+            *options,
+            differentiable_target,
+        )
+        return tuple(grads)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+        return _vmap_by_loop(_CrossEntropyGrad, info.batch_size, in_dims, *args)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        grad_loss, input, target, weight, ctx.differentiable_target, *ctx.options = inputs
+        ctx.save_for_backward(grad_loss, input, target, weight)
+        ctx.save_for_forward(grad_loss, input, target, weight)
+
+    @staticmethod
+    def _double_backward(ctx: Any, grad_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        grad_loss, input, target, weight = ctx.saved_tensors
+        args = (grad_loss, input, target, weight, *ctx.options)
+        if differentiated(*grad_grads, grad_loss, input, target):
+            padded = [*grad_grads, None][:2]
+            return list(_CrossEntropyGradGrad.apply(*padded, *args))
+        out: list[torch.Tensor] = _cross_entropy_double_backward(grad_grads, *args)
+        return out
+
+    @staticmethod
+    def _filled(ctx: Any, grads: tuple[Any, ...]) -> list[torch.Tensor]:
+        _, input, target, _ = ctx.saved_tensors
+        primals = [input, target][: len(grads)]
+        return [
+            torch.zeros_like(primal) if grad is None else grad
+            for grad, primal in zip(grads, primals, strict=True)
+        ]
+
+    @staticmethod
+    def backward(ctx: Any, *grad_grads: Any) -> tuple[Any, ...]:
+        grads = _CrossEntropyGrad._double_backward(ctx, _CrossEntropyGrad._filled(ctx, grad_grads))
+        grad_target = grads[2] if ctx.differentiable_target else None
+        return (grads[0], grads[1], grad_target) + (None,) * (2 + len(ctx.options))
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        grad_loss_tangent: Any,
+        input_tangent: Any,
+        target_tangent: Any,
+        *unused: Any,
+    ) -> tuple[torch.Tensor, ...]:
+        refuse_nested_forward_mode("cross_entropy")
+        _, input, target, weight = ctx.saved_tensors
+        tangents = [input_tangent, target_tangent][: 1 + ctx.differentiable_target]
+        # The symmetric Hessian times the primal tangents ...
+        result = _CrossEntropyGrad._double_backward(
+            ctx, _CrossEntropyGrad._filled(ctx, tuple(tangents))
+        )[1:]
+        if grad_loss_tangent is not None:
+            # ... plus the gradient (linear in grad_loss) along grad_loss's tangent.
+            along_grad = _CrossEntropyGrad.apply(
+                grad_loss_tangent, input, target, weight, ctx.differentiable_target, *ctx.options
+            )
+            result = [a + b for a, b in zip(result, along_grad, strict=True)]
+        return tuple(result)
+
+
+class _CrossEntropyGradGrad(torch.autograd.Function):
+    """The double backward op for ``torch.func`` and Hessians; a third derivative raises."""
+
+    @staticmethod
+    def forward(
+        grad_grad_input: torch.Tensor, grad_grad_target: torch.Tensor | None, *args: Any
+    ) -> tuple[torch.Tensor, ...]:
+        grad_grads = [grad_grad_input] + ([] if grad_grad_target is None else [grad_grad_target])
+        return tuple(_call(_cross_entropy_double_backward, _double_backward_op, grad_grads, *args))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        _third_derivative(ctx)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> Any:
+        _third_derivative(ctx)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], *args: Any) -> Any:
+        return _vmap_by_loop(_CrossEntropyGradGrad, info.batch_size, in_dims, *args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,10 +675,12 @@ def cross_entropy(
         grad.
 
     Note:
-      The backward pass is the JAX VJP of :func:`jsoftmax.cross_entropy`, evaluated in the
-      forward call (when torch needs gradients) and scaled by the incoming gradient; double
-      backward raises. Where torch gives NaN, jsoftmax gives 0 with zero gradient: a ``mean``
-      whose targets are all ignored (or all weighted 0). A class index outside ``[0, C)`` gives
+      The backward pass is the JAX VJP of :func:`jsoftmax.cross_entropy` from the saved
+      logits; second derivatives (double backward, ``torch.func.hessian``), forward-mode AD
+      (``torch.autograd.forward_ad``, ``torch.func.jvp`` / ``jacfwd``) and ``torch.func.vmap``
+      work; a third derivative and forward over forward raise. Where torch gives NaN,
+      jsoftmax gives 0 with zero gradient: a ``mean`` whose targets are all ignored (or all
+      weighted 0). A class index outside ``[0, C)`` gives
       a NaN loss for its row instead of torch's IndexError.
 
     Example:
@@ -305,6 +693,9 @@ def cross_entropy(
       0.4076 [-0.3348  0.2447  0.09  ]
     """
     fname = "cross_entropy"
+    if forward_ad_under_compile():
+        args = (input, target, weight, ignore_index, reduction, label_smoothing)
+        return run_eagerly(cross_entropy, *args)
     check_float_tensor(input, fname)
     if input.ndim == 0:
         raise ValueError(
@@ -329,18 +720,14 @@ def cross_entropy(
     if is_probabilities and target.dtype != input.dtype:
         common = torch.promote_types(input.dtype, target.dtype)
         input, target = input.to(common), target.to(common)
-    grad_enabled = torch.is_grad_enabled()
-    loss, _, _ = _cross_entropy_op(
-        input,
-        target,
-        weight,
-        class_dim,
-        operator.index(ignore_index),
-        reduction,
-        float(label_smoothing),
-        grad_enabled and input.requires_grad,
-        grad_enabled and is_probabilities and target.requires_grad,
-    )
+    options = (class_dim, operator.index(ignore_index), reduction, float(label_smoothing))
+    tensors = (input, target) if weight is None else (input, target, weight)
+    if recorded(*tensors):
+        loss: torch.Tensor = _forward_op(input, target, weight, *options)
+    elif differentiated(*tensors):
+        loss = _CrossEntropy.apply(input, target, weight, *options)
+    else:
+        loss = _call(_cross_entropy_forward, _forward_op, input, target, weight, *options)
     return loss
 
 

@@ -1,10 +1,33 @@
-"""torch.nn modules wrapping the torch-facing jsoftmax functions."""
+"""torch.nn modules wrapping the torch-facing jsoftmax functions.
+
+They script with ``torch.jit.script`` as ``nn.Softmax`` does: TorchScript calls the registered
+custom op ``jsoftmax::softmax`` (with its autograd formula) directly, after the same dim and dtype
+checks; eager calls take the Python function.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ._ops import log_softmax, normalize_dim, softmax
+
+
+def _scripted(input: torch.Tensor, dim: int, log: bool, fname: str) -> torch.Tensor:
+    """The module's forward as TorchScript compiles it: the checks, then the custom op."""
+    if not input.is_floating_point():
+        raise TypeError(
+            fname + ": input expected a floating tensor (float16, bfloat16, float32, float64), "
+            "got " + str(input.dtype)
+        )
+    rank = max(input.dim(), 1)
+    if dim < -rank or dim >= rank:
+        raise IndexError(
+            fname + ": dim expected an int in [" + str(-rank) + ", " + str(rank - 1) + "] for a "
+            "tensor of rank " + str(input.dim()) + ", got " + str(dim)
+        )
+    if input.dim() == 0:
+        return torch.ops.jsoftmax.softmax(input.reshape(1), 0, log).reshape(())
+    return torch.ops.jsoftmax.softmax(input, dim % rank, log)
 
 
 def _checked_dim(dim: int, fname: str) -> int:
@@ -34,6 +57,12 @@ class Softmax(torch.nn.Module):
         self.dim = _checked_dim(dim, "Softmax")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return _scripted(input, self.dim, False, "Softmax")
+        return self._eager(input)
+
+    @torch.jit.unused
+    def _eager(self, input: torch.Tensor) -> torch.Tensor:
         return softmax(input, self.dim)
 
     def extra_repr(self) -> str:
@@ -59,6 +88,12 @@ class LogSoftmax(torch.nn.Module):
         self.dim = _checked_dim(dim, "LogSoftmax")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return _scripted(input, self.dim, True, "LogSoftmax")
+        return self._eager(input)
+
+    @torch.jit.unused
+    def _eager(self, input: torch.Tensor) -> torch.Tensor:
         return log_softmax(input, self.dim)
 
     def extra_repr(self) -> str:
