@@ -168,12 +168,16 @@ def _input(case: Case, batch: int | None, dtype: str) -> Any:
 # the transformations, all at once: one jitted bundle per function
 
 
-def _scalar(fn: Callable, c_salt: int = 1) -> Callable:
+def _cotangent(y: jax.Array, given: Any, salt: int) -> jax.Array:
+    return jnp.asarray(_rng_array(y.shape, salt) if given is None else given, y.dtype)
+
+
+def _scalar(fn: Callable, cotangent: Any = None) -> Callable:
     """x -> sum(c * fn(x)) with a fixed cotangent c (the finite part of fn's output)."""
 
     def scalar(x):
         y = _finite_part(fn(x))
-        return jnp.sum(jnp.asarray(_rng_array(y.shape, c_salt), y.dtype) * y)
+        return jnp.sum(_cotangent(y, cotangent, 1) * y)
 
     return scalar
 
@@ -195,20 +199,25 @@ def _vdot(a: Any, b: Any) -> jax.Array:
     return sum(jnp.sum(u * v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
 
 
-def _all_transformations(fn: Callable) -> Callable:
-    """x -> {transformation: result} for every forward-mode and higher-order composition."""
-    scalar = _scalar(fn)
+def _all_transformations(
+    fn: Callable, tangent: Any = None, cotangents: tuple[Any, Any] = (None, None)
+) -> Callable:
+    """x -> {transformation: result} for every forward-mode and higher-order composition.
+
+    The tangent and the two output cotangents are fixed arrays of their shapes unless given.
+    """
+    scalar = _scalar(fn, cotangents[0])
 
     def bundle(x):
-        v = _tangent_like(x)
+        v = _tangent_like(x) if tangent is None else tangent
         y, lin = jax.linearize(fn, x)
 
         def second_directional(z):
             return jax.jvp(lambda u: jax.jvp(scalar, (u,), (v,))[1], (z,), (v,))[1]
 
         def tangent_readout(z):
-            tangent = jax.jvp(fn, (z,), (v,))[1]
-            return jnp.sum(jnp.asarray(_rng_array(tangent.shape, 3), tangent.dtype) * tangent)
+            out_tangent = jax.jvp(fn, (z,), (v,))[1]
+            return jnp.sum(_cotangent(out_tangent, cotangents[1], 3) * out_tangent)
 
         return {
             "jvp": jax.jvp(fn, (x,), (v,)),
@@ -320,14 +329,13 @@ def _assert_matches(got: Any, expected: Any) -> None:
             np.testing.assert_allclose(got64, expected_leaf, **GRAD_TOL, err_msg=transformation)
 
 
+# Outer placement only where the wrapper changes something around already transformed code:
+# the batching ones (lax.map is a scan). checkpoint and cond around code that is not
+# differentiated further are the identity.
 PLACEMENTS = [
     pytest.param("plain", "inner", id="plain"),
-    *(
-        pytest.param(w, p, id=f"{p}-{w}")
-        for w in WRAPPERS
-        if w != "plain"
-        for p in ("inner", "outer")
-    ),
+    *(pytest.param(w, "inner", id=f"inner-{w}") for w in WRAPPERS if w != "plain"),
+    *(pytest.param(w, "outer", id=f"outer-{w}") for w in ("vmap", "scan", "shard_map")),
     pytest.param("shard_map-axis_name", "inner", id="inner-shard_map-axis_name"),
 ]
 
@@ -352,3 +360,135 @@ def test_every_transformation_matches_the_oracle(case_name, wrapper, placement):
     else:
         got = jax.jit(wrap(_all_transformations(fn)))(x)
     _assert_matches(got, _oracle(case_name, batched, placement))
+
+
+# --------------------------------------------------------------------------------------------
+# edge rows: -inf entries, a fully masked row, a +inf entry, each transformed
+
+EDGE_ROWS, EDGE_CLASSES = 4, 5  # distinct sizes: an axis of size 4 is a row axis
+
+
+def _edge_input() -> tuple[jax.Array, np.ndarray]:
+    """Rows: finite with one masked entry; two -inf entries; fully masked; one +inf entry."""
+    x = np.array(random_logits((EDGE_ROWS, EDGE_CLASSES), seed=21, scale=1.5))
+    x[1, [0, 3]] = -np.inf
+    x[3, 2] = np.inf
+    where = np.ones((EDGE_ROWS, EDGE_CLASSES), bool)
+    where[0, 1] = False
+    where[2] = False
+    return jnp.asarray(x), where
+
+
+def _rows(leaf: Any, rows: list[int]) -> np.ndarray:
+    """``leaf`` restricted to ``rows`` along every row axis."""
+    out = to_f64(leaf)
+    for axis, size in enumerate(out.shape):
+        if size == EDGE_ROWS:
+            out = np.take(out, rows, axis=axis)
+    return out
+
+
+def _derivatives(results: dict[str, Any]) -> dict[str, list[Any]]:
+    """The derivative leaves of a bundle (its primal outputs dropped)."""
+    primal_first = {"jvp", "linearize"}
+    return {
+        key: jax.tree.leaves(value[1] if key in primal_first else value)
+        for key, value in results.items()
+    }
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "logsumexp"])
+def test_edge_rows_under_every_transformation(name):
+    x, where = _edge_input()
+    fn = getattr(jsoftmax, name)
+    # One tangent and two cotangents for all rows, sliced for the row-wise oracles below.
+    tangent = _rng_array(x.shape, 2)
+    out_shape = x.shape[:1] if name == "logsumexp" else x.shape
+    cotangents = (_rng_array(out_shape, 1), _rng_array(out_shape, 3))
+
+    def transformed(f, rows, dtype):
+        return jax.jit(
+            _all_transformations(
+                f, jnp.asarray(tangent[rows], dtype), tuple(c[rows] for c in cotangents)
+            )
+        )
+
+    got = transformed(lambda a: fn(a, where=where), slice(None), jnp.float32)(x)
+    got_derivatives = _derivatives(got)
+    for key, leaves in got_derivatives.items():
+        for leaf in leaves:
+            assert not np.isnan(to_f64(leaf)).any(), f"{key}: NaN"
+
+    x64 = to_f64(x)
+    with enable_x64():
+        # Rows 0-1: jax.nn with the -inf entries masked (finite there). Row 3: the +inf limit,
+        # jax.nn at a logit so large that exp() of every other entry underflows in float64.
+        live = where & np.isfinite(x64)
+        finite = np.where(np.isfinite(x64), x64, 0.0)
+        ref_finite = transformed(
+            lambda a: _nn_normalizer(name, a, live[:2]), slice(0, 2), jnp.float64
+        )(jnp.asarray(finite[:2]))
+        limit = np.where(x64 == np.inf, 1e4, x64)[3:]
+        ref_limit = transformed(lambda a: _nn_normalizer(name, a, None), slice(3, 4), jnp.float64)(
+            jnp.asarray(limit)
+        )
+    ref_finite_derivatives = _derivatives(ref_finite)
+    ref_limit_derivatives = _derivatives(ref_limit)
+    for key, leaves in got_derivatives.items():
+        for leaf, finite_leaf, limit_leaf in zip(
+            leaves, ref_finite_derivatives[key], ref_limit_derivatives[key], strict=True
+        ):
+            np.testing.assert_allclose(_rows(leaf, [0, 1]), finite_leaf, **GRAD_TOL, err_msg=key)
+            if name == "log_softmax":
+                # Next to +inf every finite entry's output is -inf, a constant (as for masked
+                # entries), and the +inf entry's is 0: all derivatives are 0, where the finite
+                # surrogate has -1e4-ish outputs that still move.
+                np.testing.assert_array_equal(_rows(leaf, [3]), 0.0, err_msg=key)
+            else:
+                np.testing.assert_allclose(_rows(leaf, [3]), limit_leaf, **GRAD_TOL, err_msg=key)
+            # The fully masked row: exactly 0 (jax.nn: NaN or 0 by accident of its formula).
+            np.testing.assert_array_equal(_rows(leaf, [2]), 0.0, err_msg=key)
+
+    # The primal values of the edge rows, as documented.
+    y, tangent = got["jvp"]
+    y = to_f64(y)
+    if name == "logsumexp":
+        assert y[2] == -np.inf and y[3] == np.inf
+    elif name == "softmax":
+        np.testing.assert_array_equal(y[2], 0.0)
+        np.testing.assert_array_equal(y[3], np.eye(EDGE_CLASSES)[2])
+    else:
+        np.testing.assert_array_equal(y[2], -np.inf)
+        np.testing.assert_array_equal(y[3], np.where(np.arange(EDGE_CLASSES) == 2, 0.0, -np.inf))
+    if name != "logsumexp":
+        # Masked and -inf entries are constants: their tangent is exactly 0.
+        assert np.all(to_f64(tangent)[(~where) | np.isneginf(x64)] == 0.0)
+
+
+@pytest.mark.parametrize("fill", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+def test_ignored_rows_and_minus_inf_logits_of_cross_entropy_transform_to_zero(fill):
+    # The docstring: an ignored row gives loss 0 and gradient 0 even when its logits are NaN or
+    # inf. Every derivative through it must be 0 too, and a -inf logit off the label (a masked
+    # class) must be a constant at every order.
+    x = np.array(random_logits((3, 5), seed=22))
+    x[1] = fill
+    x[2, 4] = -np.inf
+    labels = jnp.array([1, -100, 0])
+
+    def loss(a):
+        return jsoftmax.cross_entropy(a, labels)
+
+    got = jax.jit(_all_transformations(loss))(jnp.asarray(x))
+    derivatives = _derivatives(got)
+    derivatives["jacrev(grad)"] = [jax.jit(jax.jacrev(jax.grad(loss)))(jnp.asarray(x))]
+    for key, leaves in derivatives.items():
+        for leaf in leaves:
+            leaf = to_f64(leaf)
+            assert not np.isnan(leaf).any(), f"{key}: NaN at {np.argwhere(np.isnan(leaf))[:3]}"
+            for axis, size in enumerate(leaf.shape):
+                if size == 3:
+                    np.testing.assert_array_equal(np.take(leaf, 1, axis=axis), 0.0, err_msg=key)
+    # d loss / d x[2, 4] and every second derivative through it.
+    np.testing.assert_array_equal(to_f64(got["jacfwd"])[2, 4], 0.0)
+    np.testing.assert_array_equal(to_f64(got["hessian"])[2, 4], 0.0)
+    np.testing.assert_array_equal(to_f64(got["hessian"])[:, :, 2, 4], 0.0)
