@@ -27,6 +27,8 @@ from jax.sharding import PartitionSpec as P
 from jax.test_util import check_grads
 
 import jsoftmax
+from jsoftmax import _cross_entropy as ce_impl
+from jsoftmax import _softmax as impl
 
 ROWS, CLASSES, BATCH = 2, 4, 2
 SMOOTHING = 0.1
@@ -265,9 +267,7 @@ def _shard_rows(fn: Callable) -> Callable:
         out = fn(jax.tree.map(lambda a: a[0], xs))
         return jax.tree.map(lambda a: a[None], out)
 
-    return lambda xs: jax.shard_map(per_device, mesh=_mesh(), in_specs=P("v"), out_specs=P("v"))(
-        xs
-    )
+    return lambda xs: jax.shard_map(per_device, mesh=_mesh(), in_specs=P("v"), out_specs=P("v"))(xs)
 
 
 # name -> (batched, wrap): a batched wrapper maps a per-instance function over BATCH instances.
@@ -492,3 +492,323 @@ def test_ignored_rows_and_minus_inf_logits_of_cross_entropy_transform_to_zero(fi
     np.testing.assert_array_equal(to_f64(got["jacfwd"])[2, 4], 0.0)
     np.testing.assert_array_equal(to_f64(got["hessian"])[2, 4], 0.0)
     np.testing.assert_array_equal(to_f64(got["hessian"])[:, :, 2, 4], 0.0)
+
+
+# --------------------------------------------------------------------------------------------
+# numerical gradient checks, forward and reverse, to second order, in float64
+
+
+def _check_grads_cases() -> dict[str, tuple[Callable, Callable]]:
+    """name -> (function, args maker); the args are made under x64."""
+
+    def logits() -> jax.Array:
+        return random_logits((ROWS, CLASSES + 1), "float64", seed=31)
+
+    mask = np.array([[True, True, False, True, True], [False, True, True, True, False]])
+    cases: dict[str, tuple[Callable, Callable]] = {}
+    for name in ("softmax", "log_softmax", "logsumexp"):
+        fn = getattr(jsoftmax, name)
+        cases[name] = (fn, lambda: (logits(),))
+        cases[f"{name}-where"] = (partial(fn, where=mask), lambda: (logits(),))
+    weight = np.array([0.5, 2.0, 1.0, 1.5, 0.75])
+    cases["cross_entropy-labels"] = (
+        partial(
+            jsoftmax.cross_entropy,
+            labels=jnp.array([4, 1]),
+            weight=weight,
+            label_smoothing=SMOOTHING,
+        ),
+        lambda: (logits(),),
+    )
+    targets = np.random.default_rng(32).dirichlet(np.ones(CLASSES + 1), ROWS)
+    cases["cross_entropy-probabilities"] = (
+        partial(jsoftmax.cross_entropy, label_smoothing=SMOOTHING, reduction="none"),
+        lambda: (logits(), jnp.asarray(targets)),
+    )
+    return cases
+
+
+CHECK_GRADS_CASES = _check_grads_cases()
+
+
+@pytest.mark.parametrize("name", sorted(CHECK_GRADS_CASES))
+def test_check_grads_forward_and_reverse_to_second_order(name):
+    fn, make_args = CHECK_GRADS_CASES[name]
+    with enable_x64():
+        args = make_args()
+        assert all(a.dtype == jnp.float64 for a in args)
+        check_grads(fn, args, order=2, modes=["fwd", "rev"])
+
+
+def test_check_grads_detects_a_wrong_forward_rule():
+    # The check above can fail: a function whose JVP rule is off by a factor fails it in "fwd".
+    @jax.custom_jvp
+    def wrong(x):
+        return jnp.sin(x)
+
+    wrong.defjvps(lambda t, y, x: 2 * jnp.cos(x) * t)
+    with enable_x64(), pytest.raises(AssertionError):
+        check_grads(wrong, (jnp.array([0.3, 1.2]),), order=1, modes=["fwd"])
+
+
+# --------------------------------------------------------------------------------------------
+# reverse mode keeps its promise: one saved array, the backward kernel, no retrace
+
+
+NORMALIZER_NAMES = ["softmax", "log_softmax", "logsumexp"]
+
+
+def _residuals(fn: Callable, *args: Any) -> list[tuple[Any, str]]:
+    from jax._src.ad_checkpoint import saved_residuals  # the utility behind print_saved_residuals
+
+    return saved_residuals(fn, *args)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "where"])
+@pytest.mark.parametrize("name", NORMALIZER_NAMES)
+def test_reverse_mode_saves_one_array(name, masked):
+    fn = getattr(jsoftmax, name)
+    x = random_logits((3, 8), seed=33)
+    where = jnp.arange(8) < 6 if masked else None
+    residuals = _residuals(lambda a: fn(a, where=where), x)
+    # softmax / log_softmax: the output; logsumexp: the probabilities, of x's shape.
+    assert [tuple(aval.shape) for aval, _ in residuals] == [(3, 8)], residuals
+    assert "argument" not in residuals[0][1]
+    # The mask as an argument (not differentiated) adds nothing of its own.
+    masked_arg = _residuals(lambda a, m: fn(a, where=m), x, jnp.arange(8) < 6)
+    saved = [(tuple(aval.shape), why) for aval, why in masked_arg if "argument" not in why]
+    assert [shape for shape, _ in saved] == [(3, 8)], masked_arg
+    # Under vmap: one batched array.
+    batched = _residuals(jax.vmap(lambda a: fn(a, where=where)), jnp.stack([x, -x]))
+    assert [tuple(aval.shape) for aval, _ in batched] == [(2, 3, 8)], batched
+
+
+@pytest.mark.parametrize("targets", ["labels", "probabilities"])
+def test_cross_entropy_reverse_mode_saves_no_logits_sized_array_of_its_own(targets):
+    x = random_logits((3, 8), seed=34)
+    labels = (
+        jnp.array([1, 7, 0])
+        if targets == "labels"
+        else jnp.asarray(np.random.default_rng(35).dirichlet(np.ones(8), 3), jnp.float32)
+    )
+
+    def loss(a):
+        return jsoftmax.cross_entropy(a, labels, label_smoothing=SMOOTHING)
+
+    residuals = _residuals(loss, x)
+    logits_sized = [why for aval, why in residuals if aval.size >= x.size]
+    # The logits themselves (the argument) and, for probability targets, the targets (a
+    # constant here); never a probability tensor computed in the forward pass.
+    assert all("argument" in why or "constant" in why for why in logits_sized), residuals
+    assert any("argument" in why for why in logits_sized), residuals
+    per_row = [aval for aval, why in residuals if aval.size < x.size and aval.size > 1]
+    assert per_row and all(aval.size == 3 for aval in per_row), residuals
+
+    # The probe can fail: optax's cross-entropy saves a logits-sized array of its own.
+    optax_loss = (
+        (lambda a: optax.softmax_cross_entropy_with_integer_labels(a, labels).mean())
+        if targets == "labels"
+        else (lambda a: optax.softmax_cross_entropy(a, labels).mean())
+    )
+    optax_residuals = _residuals(optax_loss, x)
+    assert any(
+        aval.size >= x.size and "argument" not in why and "constant" not in why
+        for aval, why in optax_residuals
+    ), optax_residuals
+
+
+def _kernel_targets(compiled_text: str) -> set[str]:
+    return set(re.findall(r'custom_call_target="(jsoftmax_\w+)"', compiled_text))
+
+
+KERNEL_CONTEXTS = {
+    "grad": lambda scalar: jax.grad(scalar),
+    "grad-vmap": lambda scalar: jax.grad(lambda xs: jax.vmap(scalar)(xs).sum()),
+    "grad-scan": lambda scalar: jax.grad(
+        lambda xs: lax.scan(lambda c, x: (c + scalar(x), None), 0.0, xs)[0]
+    ),
+    "grad-checkpoint": lambda scalar: jax.grad(jax.checkpoint(scalar)),
+}
+
+
+@pytest.mark.parametrize("context", sorted(KERNEL_CONTEXTS))
+@pytest.mark.parametrize("masked", [False, True], ids=["plain", "where"])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_reverse_mode_runs_the_cpu_backward_kernel(name, masked, context, monkeypatch):
+    fn = getattr(jsoftmax, name)
+    where = np.arange(8) < 6 if masked else None
+    batched = context in ("grad-vmap", "grad-scan")
+    x = random_logits((2, 3, 8) if batched else (3, 8), seed=36)
+    cotangent = jnp.asarray(_rng_array((3, 8), 1), jnp.float32)
+
+    def compiled_targets(mode: str) -> set[str]:
+        monkeypatch.setenv("JSOFTMAX_CPU_KERNEL", mode)
+
+        # A new function per mode: JAX caches the trace of a checkpointed function by identity,
+        # and the mode is read when tracing.
+        def scalar(a):
+            return jnp.sum(cotangent * _finite_part(fn(a, where=where)))
+
+        derivative = jax.jit(KERNEL_CONTEXTS[context](scalar))
+        return _kernel_targets(derivative.lower(x).compile().as_text())
+
+    assert f"jsoftmax_{name}_bwd" in compiled_targets("on")
+    # The probe can fail: with the kernels off, no jsoftmax custom call is compiled.
+    assert compiled_targets("off") == set()
+
+
+@pytest.mark.parametrize("name", NORMALIZER_NAMES)
+def test_reverse_mode_transposes_the_hand_written_tangent_map(name):
+    # Reverse mode is the transpose of jsoftmax's own tangent primitive, not an autodiffed formula.
+    fn = getattr(jsoftmax, name)
+    x = random_logits((3, 8), seed=37)
+    text = str(jax.make_jaxpr(jax.grad(lambda a: jnp.sum(jnp.sin(fn(a)))))(x))
+    if name == "logsumexp":
+        assert "jsoftmax_normalize" in text and "jsoftmax_logsumexp" in text
+    else:
+        assert "jsoftmax_tangent" in text and "transposed=True" in text
+
+
+@pytest.mark.parametrize("name", [*NORMALIZER_NAMES, "cross_entropy"])
+def test_forward_mode_and_hessians_of_a_jitted_function_do_not_retrace(name):
+    traces: list[tuple[int, ...]] = []
+    labels = jnp.array([1, 0, 3])
+
+    @jax.jit
+    def f(x):
+        traces.append(x.shape)
+        if name == "cross_entropy":
+            return jsoftmax.cross_entropy(x, labels[: x.shape[0]])
+        return jnp.sum(jnp.cos(getattr(jsoftmax, name)(x)))
+
+    x = random_logits((3, 8), seed=38)
+    v = jnp.ones_like(x)
+    hessian = jax.jit(jax.hessian(f))
+    internal = (impl._normalize_jit, impl._logsumexp_jit, ce_impl._cross_entropy_jit)
+
+    def run() -> None:
+        jax.jvp(f, (x,), (v,))
+        jax.hessian(f)(x)
+        hessian(x)
+        jax.jvp(jax.grad(f), (x,), (v,))
+
+    run()
+    cache_sizes = [fn._cache_size() for fn in internal]
+    run()
+    assert traces == [(3, 8)]
+    assert [fn._cache_size() for fn in internal] == cache_sizes
+    # The counter counts: a new shape is a new trace.
+    jax.jvp(f, (x[:2],), (v[:2],))
+    assert traces == [(3, 8), (2, 8)]
+
+
+# --------------------------------------------------------------------------------------------
+# jax.export: every platform, no jsoftmax-private custom call, a serialized round trip
+
+_EXPORT_LABELS = jnp.array([2, 0, 5])
+_EXPORT_TARGETS = jnp.asarray(np.random.default_rng(40).dirichlet(np.ones(6), 3), jnp.float32)
+_EXPORT_MASK = np.arange(6) < 4
+
+
+def _model(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
+    """A small classifier with one attention-like mixing step: every function in one graph."""
+    hidden = x @ params["w_in"]
+    attention = jsoftmax.softmax(hidden @ hidden.T / 2.0, where=jnp.tril(jnp.ones((3, 3), bool)))
+    logits = (attention @ hidden) @ params["w_out"]
+    penalty = jnp.mean(jsoftmax.logsumexp(logits)) + jnp.mean(jsoftmax.log_softmax(logits))
+    return jsoftmax.cross_entropy(logits, _EXPORT_LABELS, label_smoothing=0.1) + 1e-2 * penalty
+
+
+def _model_args() -> tuple[Any, ...]:
+    rng = np.random.default_rng(41)
+    params = {
+        "w_in": jnp.asarray(rng.standard_normal((5, 7)), jnp.float32),
+        "w_out": jnp.asarray(rng.standard_normal((7, 6)), jnp.float32),
+    }
+    return params, jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+
+
+EXPORTED = {
+    "softmax": (jsoftmax.softmax, lambda: (random_logits((3, 6), seed=42),)),
+    "log_softmax": (jsoftmax.log_softmax, lambda: (random_logits((3, 6), seed=42),)),
+    "logsumexp": (jsoftmax.logsumexp, lambda: (random_logits((3, 6), seed=42),)),
+    "softmax-where": (
+        partial(jsoftmax.softmax, where=_EXPORT_MASK),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
+    "log_softmax-where": (
+        partial(jsoftmax.log_softmax, where=_EXPORT_MASK),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
+    "logsumexp-where": (
+        partial(jsoftmax.logsumexp, where=_EXPORT_MASK),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
+    "cross_entropy-labels": (
+        partial(jsoftmax.cross_entropy, labels=_EXPORT_LABELS, label_smoothing=0.1),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
+    "cross_entropy-probabilities": (
+        partial(jsoftmax.cross_entropy, labels=_EXPORT_TARGETS),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
+    "model": (_model, _model_args),
+}
+
+
+def _private_custom_calls(module_text: str) -> list[str]:
+    return re.findall(r"custom_call\s*@(jsoftmax\w*)", module_text) + re.findall(
+        r'call_target_name\s*=\s*"(jsoftmax\w*)"', module_text
+    )
+
+
+def _first_scalar(fn: Callable) -> Callable:
+    """A scalar of fn's output (for gradients), finite where the output is -inf."""
+    return lambda *args: jnp.sum(jnp.sin(_finite_part(fn(*args))))
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED))
+def test_export_round_trip_carries_no_private_custom_call(name):
+    fn, make_args = EXPORTED[name]
+    args = make_args()
+    exported = jax.export.export(jax.jit(fn))(*args)
+    assert _private_custom_calls(exported.mlir_module()) == []
+    restored = jax.export.deserialize(exported.serialize(vjp_order=1))
+    np.testing.assert_allclose(
+        to_f64(restored.call(*args)), to_f64(fn(*args)), **tolerance("float32")
+    )
+    # The restored artifact is differentiable (its VJP was serialized with it).
+    grads = jax.grad(_first_scalar(restored.call))(*args)
+    expected = jax.grad(_first_scalar(fn))(*args)
+    for got_leaf, expected_leaf in zip(
+        jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True
+    ):
+        np.testing.assert_allclose(to_f64(got_leaf), to_f64(expected_leaf), **GRAD_TOL)
+
+
+@pytest.mark.parametrize("name", sorted(EXPORTED))
+def test_export_of_derivatives_for_every_platform(name):
+    fn, make_args = EXPORTED[name]
+    args = make_args()
+    scalar = _first_scalar(fn)
+    for derivative in (fn, jax.grad(scalar), jax.hessian(scalar) if name != "model" else None):
+        if derivative is None:
+            continue
+        exported = jax.export.export(jax.jit(derivative), platforms=("cpu", "cuda", "tpu"))(*args)
+        assert exported.platforms == ("cpu", "cuda", "tpu")
+        assert _private_custom_calls(exported.mlir_module()) == []
+        restored = jax.export.deserialize(exported.serialize())
+        for got_leaf, expected_leaf in zip(
+            jax.tree.leaves(restored.call(*args)),
+            jax.tree.leaves(derivative(*args)),
+            strict=True,
+        ):
+            np.testing.assert_allclose(to_f64(got_leaf), to_f64(expected_leaf), **GRAD_TOL)
+
+
+def test_private_custom_call_probe_detects_the_kernels():
+    # The probe above can fail: the same function lowered for this CPU (not for export) calls
+    # the kernels, forward and backward.
+    x = random_logits((3, 6), seed=42)
+    text = jax.jit(jax.grad(_first_scalar(jsoftmax.softmax))).lower(x).as_text()
+    assert set(_private_custom_calls(text)) == {"jsoftmax_softmax_fwd", "jsoftmax_softmax_bwd"}
