@@ -197,10 +197,6 @@ def _tangent_like(x: Any, salt: int = 2) -> Any:
     return jax.tree.map(lambda a: _constant_like(a, _rng_array(a.shape, salt)), x)
 
 
-def _vdot(a: Any, b: Any) -> jax.Array:
-    return sum(jnp.sum(u * v) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
-
-
 def _all_transformations(
     fn: Callable, tangent: Any = None, cotangents: tuple[Any, Any] = (None, None)
 ) -> Callable:
