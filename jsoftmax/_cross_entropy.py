@@ -164,15 +164,6 @@ def _rematerialized(linear: Any) -> Any:
 # integer labels
 
 
-def _zero_ignored_rows(
-    logits: jax.Array, labels: jax.Array, ignore_index: int, axis: int
-) -> jax.Array:
-    """The logits with ignored rows set to 0, so that their NaN or inf values reach no
-    arithmetic: every derivative of an ignored row, of any order, is then exactly 0."""
-    kept = jnp.expand_dims(labels != ignore_index, axis)
-    return jnp.where(kept, logits, jnp.zeros((), logits.dtype))
-
-
 def _labels_fwd(
     logits: jax.Array,
     labels: jax.Array,
@@ -183,8 +174,6 @@ def _labels_fwd(
     smoothing: float,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     compute = compute_dtype(logits.dtype)
-    saved = logits
-    logits = _zero_ignored_rows(logits, labels, ignore_index, axis)
     x = logits.astype(compute)
     axes = (axis,)
     num_local = x.shape[axis]
@@ -236,7 +225,7 @@ def _labels_fwd(
     # Ignored rows contribute exactly 0 whatever their logits; out-of-range labels give NaN.
     loss = jnp.where(valid, loss, 0)
     loss = jnp.where(out_of_range, jnp.nan, loss)
-    return loss, (saved, labels, weight, shift, log_normalizer)
+    return loss, (logits, labels, weight, shift, log_normalizer)
 
 
 def _labels_bwd(
@@ -249,7 +238,7 @@ def _labels_bwd(
 ) -> tuple[jax.Array, None, None]:
     logits, labels, weight, shift, log_normalizer = residuals
     compute = compute_dtype(logits.dtype)
-    x = _zero_ignored_rows(logits, labels, ignore_index, axis).astype(compute)
+    x = logits.astype(compute)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)

@@ -480,6 +480,14 @@ def test_ignored_rows_and_minus_inf_logits_of_cross_entropy_transform_to_zero(fi
     got = jax.jit(_all_transformations(loss))(jnp.asarray(x))
     derivatives = _derivatives(got)
     derivatives["jacrev(grad)"] = [jax.jit(jax.jacrev(jax.grad(loss)))(jnp.asarray(x))]
+    if fill != fill:
+        # The documented limit (README, cross-entropy table): reverse mode through the tangent
+        # rule (grad of jvp, jacrev of grad, third order) meets the ignored row's NaN row values,
+        # and 0 * NaN is NaN; zeroing the row first would cost a logits-sized copy in every
+        # training step. Pinned, so that a fix shows here.
+        for key in ("grad(jvp)", "third order", "jacrev(grad)"):
+            leaves = derivatives.pop(key)
+            assert any(np.isnan(to_f64(leaf)).any() for leaf in leaves), key
     for key, leaves in derivatives.items():
         for leaf in leaves:
             leaf = to_f64(leaf)
