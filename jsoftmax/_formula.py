@@ -25,6 +25,7 @@ Everything is computed in float32 for sub-32-bit inputs and rounded once.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -49,6 +50,13 @@ def global_sum(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return local if axis_name is None else lax.psum(local, axis_name)
 
 
+def _single_entry(x: jax.Array, axes: Axes) -> bool:
+    """Whether each local slice has one entry: XLA then turns the reduction into a copy and drops
+    its initial value, so the floors it carries (finfo.min, tiny) are applied explicitly. Only
+    there: as a row-level op the floor would cost a kernel of its own on TPU."""
+    return math.prod(x.shape[a] for a in axes) == 1
+
+
 def shifted_input(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
     """(shift, x - shift): the slice maximum (kept axes) and ``x`` minus it, in the compute
     dtype, with the rules above.
@@ -57,7 +65,10 @@ def shifted_input(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, 
     the reduction costs a kernel of its own).
     """
     # A constant under differentiation (the reduction has no derivative rule; none is needed).
-    shift = _keep(lax.reduce(lax.stop_gradient(x), jnp.finfo(x.dtype).min, lax.max, axes), axes)
+    lowest = jnp.finfo(x.dtype).min
+    shift = _keep(lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes), axes)
+    if _single_entry(x, axes):
+        shift = jnp.maximum(shift, lowest)  # see _single_entry
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
     wide = x.astype(compute_dtype(x.dtype))
@@ -75,6 +86,8 @@ def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
     _, shifted = shifted_input(x, axes, axis_name)
     tiny = jnp.finfo(shifted.dtype).tiny
     total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
+    if _single_entry(x, axes):
+        total = jnp.maximum(total, tiny)
     if axis_name is not None:
         total = lax.psum(total, axis_name)
     if log:
