@@ -40,7 +40,16 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// One vector is one register of the instruction set the library is built for: wider vectors
+// than the registers are split by the compiler, but their selects and comparisons are compiled
+// lane by lane (scalar code), which made the avx2 and generic variants several times slower.
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
@@ -416,7 +425,7 @@ void advise_huge_pages(void* data, size_t bytes) {
 // one slice and the row rules are applied lane by lane, with the XLA path's formula (shift by the
 // maximum when finite, +inf slices to their limit, NaN slices NaN, empty sums replaced by 1).
 // Sums use four accumulators per lane (j % 4), for throughput and accuracy.
-constexpr int kGroup = 8;
+constexpr int kGroup = 128 / kLanes;
 
 struct ColumnGroup {
   int64_t n, inner, width;  // slice length, stride, slices in this group (<= kGroup * kLanes)
