@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import enable_x64, ref_log_softmax, ref_softmax, to_f64
+from _helpers import enable_x64, ref_log_softmax, ref_softmax, relative_error, to_f64
 from jax import lax
 
 import jsoftmax
@@ -475,13 +475,73 @@ def test_float32_backward_accuracy(monkeypatch, name):
     dx = to_f64(pullback(g)[0])
     exact_y = REFERENCES[name](x)
     g64 = to_f64(g)
-    if name == "softmax":
-        exact = exact_y * (g64 - np.sum(g64 * exact_y, axis=-1, keepdims=True))
-    else:
-        exact = g64 - np.exp(exact_y) * np.sum(g64, axis=-1, keepdims=True)
+    exact = _exact_vjp(name, exact_y, g64, -1)
     bound = _backward_bound(name, exact_y, g64, -1)
     err = np.abs(dx - exact)
     assert np.all(err <= bound), f"max error {err.max():.3g}, worst ratio {np.max(err / bound):.3g}"
+
+
+def _exact_vjp(name, y64, g64, axis):
+    """The float64 VJP at the float64 output ``y64`` (finite inputs)."""
+    if name == "softmax":
+        return y64 * (g64 - np.sum(g64 * y64, axis=axis, keepdims=True))
+    return g64 - np.exp(y64) * np.sum(g64, axis=axis, keepdims=True)
+
+
+# Long reductions (issue 14). With a fixed number of float32 partial sums (64 per row, 4 per lane
+# of a column) the error grew linearly with the length: at 2^24, 4e-4 against the XLA path's
+# 6e-8. The kernels now sum blocks of 16 terms per float32 partial sum and the block sums in
+# float64. Each case runs both paths on the same input, forward and VJP.
+LONG_REDUCTIONS = [
+    ((1, 2**24), -1, "float32"),
+    ((2048, 2048), None, "float32"),  # axis=None: one 4M-long row
+    ((1, 2**22 + 3), -1, "bfloat16"),  # odd: a partial vector at the end
+    ((1, 2**22 + 3), -1, "float16"),
+    ((1, 2**20, 16), 1, "float32"),  # column kernel: 16 slices of 2^20
+    ((1, 2**18, 16), 1, "bfloat16"),  # (the XLA path is slow on 16-bit columns)
+    ((1, 2**18, 16), 1, "float16"),
+]
+
+
+def _misrounded_share(out, exact64):
+    """Share of entries of a bf16/f16 result that differ from the correctly rounded float64 one."""
+    return float(np.mean(_ulp_distance(out, exact64.astype(out.dtype)) != 0))
+
+
+@pytest.mark.parametrize(("shape", "axis", "dtype"), LONG_REDUCTIONS)
+def test_long_reduction_accuracy(monkeypatch, shape, axis, dtype):
+    """Max relative error against float64 (max |error| / max |exact|) within 2x of the XLA path's,
+    forward and VJP. An error below half a float32 ulp counts as half an ulp (the resolution of
+    a float32 result: the comparison is not between two roundings of the same value). For
+    bf16 / f16 both errors are the storage dtype's rounding, so the share of entries not rounded
+    correctly is compared too: within 2x of the XLA path's, plus 1e-4."""
+    x = _logits(shape, dtype, seed=51)
+    g = _logits(shape, dtype, seed=52, scale=1.0)
+    x64, g64 = to_f64(x), to_f64(g)
+    suffix = "_columns" if len(shape) == 3 else ""
+    floor = EPS32 / 2
+    for name in sorted(FUNCTIONS):
+        exact_y = REFERENCES[name](x64, axis=axis)
+        exact_dx = _exact_vjp(name, exact_y, g64, axis)
+        errors, shares = {}, {}
+        for mode in ("on", "off"):
+            y, dx, hlo = _value_and_vjp(monkeypatch, mode, name, x, g, axis)
+            expected = {f"jsoftmax_{name}_{which}{suffix}" for which in ("fwd", "bwd")}
+            assert _targets(hlo) == (expected if mode == "on" else set()), _targets(hlo)
+            errors[mode] = (relative_error(y, exact_y), relative_error(dx, exact_dx))
+            if dtype in LOW_PRECISION:
+                shares[mode] = (_misrounded_share(y, exact_y), _misrounded_share(dx, exact_dx))
+        for which, kernel, xla in zip(("forward", "vjp"), errors["on"], errors["off"], strict=True):
+            assert kernel <= 2 * max(xla, floor), (
+                f"{name} {which}: kernel error {kernel:.3g}, XLA path {xla:.3g}"
+            )
+        if dtype not in LOW_PRECISION:
+            continue
+        for which, kernel, xla in zip(("forward", "vjp"), shares["on"], shares["off"], strict=True):
+            assert kernel <= 2 * xla + 1e-4, (
+                f"{name} {which}: {kernel:.2e} of the kernel's entries misrounded, "
+                f"XLA path {xla:.2e}"
+            )
 
 
 # --------------------------------------------------------------------------------------------

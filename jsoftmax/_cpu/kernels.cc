@@ -40,12 +40,22 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+// One vector is one register of the instruction set the library is built for: wider vectors
+// than the registers are split by the compiler, but their selects and comparisons are compiled
+// lane by lane (scalar code), which made the avx2 and generic variants several times slower.
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
 typedef float vf __attribute__((vector_size(kLanes * 4)));
 typedef int32_t vi __attribute__((vector_size(kLanes * 4)));
 typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
 typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
 typedef _Float16 vhf __attribute__((vector_size(kLanes * 2)));
+typedef double vd __attribute__((vector_size(kLanes * 8)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -64,6 +74,15 @@ inline float hsum(vf v) {
     for (int i = 0; i < width; ++i) v[i] += v[i + width];
   return v[0];
 }
+
+inline double hsum(vd v) {
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) v[i] += v[i + width];
+  return v[0];
+}
+
+inline vd widen(vf v) { return __builtin_convertvector(v, vd); }
+inline vf narrow(vd v) { return __builtin_convertvector(v, vf); }
 
 inline bool any(vi m) {
   for (int i = 0; i < kLanes; ++i)
@@ -222,18 +241,44 @@ inline void store_block(typename S::T* p, vf v, int64_t count) {
     store_part<S>(p, v, count);
 }
 
-// Four vector accumulators used in turn: a row's sum is split 64 ways (16 lanes x 4), so each
-// partial sum adds n / 64 terms in sequence (its rounding error grows with that count), and
-// consecutive adds do not wait on each other.
+// Sums in blocks. Within a block, four vector accumulators used in turn (a row's sum split
+// 4 x kLanes ways, and consecutive adds do not wait on each other); after at most kBlockAdds adds
+// (the loops call flush) the block's partial sums go into float64 lanes. A float32 partial sum
+// thus adds at most 16 terms whatever the length, so the rounding error of a sum does not grow
+// with it (with the float32 accumulators alone it grew linearly: issue 14), for one conversion
+// and add per kBlockAdds vectors.
+constexpr int kBlockAdds = 64;
+constexpr int64_t kBlockEntries = int64_t(kBlockAdds) * kLanes;
+
 struct Accumulator {
   vf part[4] = {vf{}, vf{}, vf{}, vf{}};
+  vd wide = vd{};
   unsigned next = 0;
   void add(vf v) {
     part[next] += v;
     next = (next + 1) & 3u;
   }
-  float total() const { return hsum((part[0] + part[1]) + (part[2] + part[3])); }
+  void flush() {
+    wide += widen((part[0] + part[1]) + (part[2] + part[3]));
+    part[0] = part[1] = part[2] = part[3] = vf{};
+    next = 0;
+  }
+  double total() {
+    flush();
+    return hsum(wide);
+  }
 };
+
+// for_blocks over a row in blocks of kBlockEntries, flushing `acc` after each.
+template <class S, class F>
+inline void for_summed_blocks(const typename S::T* p, int64_t n, float pad, Accumulator& acc,
+                              F&& body) {
+  for (int64_t start = 0; start < n; start += kBlockEntries) {
+    for_blocks<S>(p + start, std::min(kBlockEntries, n - start), pad,
+                  [&](vf v, int64_t i, int64_t count) { body(v, start + i, count); });
+    acc.flush();
+  }
+}
 
 enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
 
@@ -298,24 +343,24 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     if (next != nullptr) __builtin_prefetch(next + i);
   };
   if constexpr (kLog) {
-    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t) {
+    for_summed_blocks<S>(x, n, -kInf, acc, [&](vf v, int64_t i, int64_t) {
       prefetch_next(i);
       acc.add(vexp(v - m));
     });
-    const float log_sum = std::log(acc.total());
+    const float log_sum = float(std::log(acc.total()));
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, (v - m) - log_sum, count);
     });
   } else {
     // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
     float* e = std::is_same_v<typename S::T, float> ? reinterpret_cast<float*>(y) : scratch;
-    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+    for_summed_blocks<S>(x, n, -kInf, acc, [&](vf v, int64_t i, int64_t count) {
       prefetch_next(i);
       const vf ev = vexp(v - m);
       acc.add(ev);
       store_block<F32>(e + i, ev, count);
     });
-    const float inv = 1.0f / acc.total();
+    const float inv = float(1.0 / acc.total());
     for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, v * inv, count);
     });
@@ -327,16 +372,20 @@ void backward_row(const typename S::T* y, const typename S::T* g, typename S::T*
                   const typename S::T* next_y, const typename S::T* next_g) {
   const float y_pad = kLog ? -kInf : 0.0f;
   Accumulator acc;
-  for (int64_t i = 0; i < n; i += kLanes) {
-    const int64_t count = std::min<int64_t>(kLanes, n - i);
-    const vf yv = load_block<S>(y + i, count, y_pad);
-    const vf gv = load_block<S>(g + i, count, 0.0f);
-    if constexpr (kLog)
-      acc.add((yv == -kInf) ? splat(0.0f) : gv);
-    else
-      acc.add(gv * yv);
+  for (int64_t start = 0; start < n; start += kBlockEntries) {
+    const int64_t end = std::min(n, start + kBlockEntries);
+    for (int64_t i = start; i < end; i += kLanes) {
+      const int64_t count = std::min<int64_t>(kLanes, end - i);
+      const vf yv = load_block<S>(y + i, count, y_pad);
+      const vf gv = load_block<S>(g + i, count, 0.0f);
+      if constexpr (kLog)
+        acc.add((yv == -kInf) ? splat(0.0f) : gv);
+      else
+        acc.add(gv * yv);
+    }
+    acc.flush();
   }
-  const float total = acc.total();
+  const float total = float(acc.total());
   for (int64_t i = 0; i < n; i += kLanes) {
     if (next_y != nullptr) {  // the next row, from memory, while this one comes from cache
       __builtin_prefetch(next_y + i);
@@ -415,8 +464,9 @@ void advise_huge_pages(void* data, size_t bytes) {
 // outer index, so each step down the slices reads one contiguous stretch of a row; each lane is
 // one slice and the row rules are applied lane by lane, with the XLA path's formula (shift by the
 // maximum when finite, +inf slices to their limit, NaN slices NaN, empty sums replaced by 1).
-// Sums use four accumulators per lane (j % 4), for throughput and accuracy.
-constexpr int kGroup = 8;
+// Sums are blocked as in Accumulator: four float32 accumulators per lane (j % 4) over kBlockAdds
+// steps, then float64 lanes.
+constexpr int kGroup = 128 / kLanes;
 
 struct ColumnGroup {
   int64_t n, inner, width;  // slice length, stride, slices in this group (<= kGroup * kLanes)
@@ -424,15 +474,33 @@ struct ColumnGroup {
   int64_t lanes(int b) const { return std::min<int64_t>(kLanes, width - int64_t(b) * kLanes); }
 };
 
+// sum[b] = the sum over j of term(j, b), per lane, blocked (float32 over kBlockAdds steps of j,
+// four accumulators, then float64).
+template <class F>
+inline void blocked_column_sums(const ColumnGroup& c, vd (&sum)[kGroup], F&& term) {
+  const int nb = c.blocks();
+  vf acc[4][kGroup];
+  for (int b = 0; b < nb; ++b) sum[b] = vd{};
+  for (int64_t j0 = 0; j0 < c.n; j0 += kBlockAdds) {
+    for (int b = 0; b < nb; ++b)
+      for (auto& a : acc) a[b] = vf{};
+    const int64_t j1 = std::min<int64_t>(c.n, j0 + kBlockAdds);
+    for (int64_t j = j0; j < j1; ++j)
+      for (int b = 0; b < nb; ++b) acc[j & 3][b] += term(j, b);
+    for (int b = 0; b < nb; ++b)
+      sum[b] += widen((acc[0][b] + acc[1][b]) + (acc[2][b] + acc[3][b]));
+  }
+}
+
 template <class S, bool kLog>
 void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup& c) {
   const int nb = c.blocks();
-  vf m[kGroup], shift[kGroup], sum[kGroup], acc[4][kGroup];
+  vf m[kGroup], shift[kGroup];
+  vd sum[kGroup];
   vi nan[kGroup], pos_inf[kGroup];
   for (int b = 0; b < nb; ++b) {
     m[b] = splat(-kInf);
     nan[b] = vi{};
-    for (auto& a : acc) a[b] = vf{};
   }
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
@@ -450,20 +518,13 @@ void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup
   auto load = [&](int64_t j, int b) {
     return shifted(load_block<S>(x + j * c.inner + b * kLanes, c.lanes(b), -kInf), b);
   };
-  for (int64_t j = 0; j < c.n; ++j)
-    for (int b = 0; b < nb; ++b) {
-      const vf e = vexp(load(j, b));
-      acc[j & 3][b] += e;
-    }
-  for (int b = 0; b < nb; ++b) {
-    sum[b] = (acc[0][b] + acc[1][b]) + (acc[2][b] + acc[3][b]);
-    sum[b] = sum[b] == 0.0f ? splat(1.0f) : sum[b];
-  }
+  blocked_column_sums(c, sum, [&](int64_t j, int b) { return vexp(load(j, b)); });
+  for (int b = 0; b < nb; ++b) sum[b] = sum[b] == 0.0 ? vd{} + 1.0 : sum[b];
   const vf nan_lanes = splat(kNaN);
   if constexpr (kLog) {
     vf log_sum[kGroup];
     for (int b = 0; b < nb; ++b)
-      for (int i = 0; i < kLanes; ++i) log_sum[b][i] = std::log(sum[b][i]);
+      for (int i = 0; i < kLanes; ++i) log_sum[b][i] = float(std::log(sum[b][i]));
     for (int64_t j = 0; j < c.n; ++j)
       for (int b = 0; b < nb; ++b) {
         const vf out = load(j, b) - log_sum[b];
@@ -471,7 +532,7 @@ void forward_columns(const typename S::T* x, typename S::T* y, const ColumnGroup
       }
   } else {
     vf inv[kGroup];
-    for (int b = 0; b < nb; ++b) inv[b] = 1.0f / sum[b];
+    for (int b = 0; b < nb; ++b) inv[b] = narrow(1.0 / sum[b]);
     // The exponentials again rather than from a scratch copy: a group spans up to 128 slices,
     // and the input plus a float32 copy of its exponentials would not stay in L2.
     for (int64_t j = 0; j < c.n; ++j)
@@ -488,20 +549,18 @@ void backward_columns(const typename S::T* y, const typename S::T* g, typename S
                       const ColumnGroup& c) {
   const int nb = c.blocks();
   const float y_pad = kLog ? -kInf : 0.0f;
-  vf acc[4][kGroup], total[kGroup];
-  for (int b = 0; b < nb; ++b)
-    for (auto& a : acc) a[b] = vf{};
-  for (int64_t j = 0; j < c.n; ++j)
-    for (int b = 0; b < nb; ++b) {
-      const int64_t at = j * c.inner + b * kLanes;
-      const vf yv = load_block<S>(y + at, c.lanes(b), y_pad);
-      const vf gv = load_block<S>(g + at, c.lanes(b), 0.0f);
-      if constexpr (kLog)
-        acc[j & 3][b] += (yv == -kInf) ? splat(0.0f) : gv;
-      else
-        acc[j & 3][b] += gv * yv;
-    }
-  for (int b = 0; b < nb; ++b) total[b] = (acc[0][b] + acc[1][b]) + (acc[2][b] + acc[3][b]);
+  vf total[kGroup];
+  vd wide_total[kGroup];
+  blocked_column_sums(c, wide_total, [&](int64_t j, int b) {
+    const int64_t at = j * c.inner + b * kLanes;
+    const vf yv = load_block<S>(y + at, c.lanes(b), y_pad);
+    const vf gv = load_block<S>(g + at, c.lanes(b), 0.0f);
+    if constexpr (kLog)
+      return (yv == -kInf) ? splat(0.0f) : gv;
+    else
+      return gv * yv;
+  });
+  for (int b = 0; b < nb; ++b) total[b] = narrow(wide_total[b]);
   for (int64_t j = 0; j < c.n; ++j)
     for (int b = 0; b < nb; ++b) {
       const int64_t at = j * c.inner + b * kLanes;
