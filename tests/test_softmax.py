@@ -125,8 +125,9 @@ def test_where_excludes_entries(name):
     np.testing.assert_allclose(to_f64(out), ref(x, -1, where), **tolerance("float32"))
     masked = np.asarray(out)[:, ~np.asarray(where)]
     assert np.all(masked == _fill_value(name))
-    # Same values as jax.nn where jax.nn is defined.
-    np.testing.assert_allclose(np.asarray(out), np.asarray(jax_fn(x, where=where)), rtol=1e-6)
+    # Same values as jax.nn where jax.nn is defined, within float32's tolerance (jax.nn's own
+    # error near 0 is a few ulps of the log-sum, larger than jsoftmax's).
+    np.testing.assert_allclose(to_f64(out), to_f64(jax_fn(x, where=where)), **tolerance("float32"))
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FUNCTIONS))
