@@ -4,9 +4,9 @@ XLA's CPU code makes three or four passes over the whole array for a softmax (be
 has the compiled HLO); the kernels make one read and one write per row, with the row kept in cache.
 They are called through ``jax.ffi`` and only where the result is the same as the XLA path's (the
 tests check both against each other): on CPU, float32 / bfloat16 / float16, reduction over one
-contiguous block of axes (trailing, or followed by 16 to 128 entries), no ``where`` mask on the
-forward pass, no ``axis_name``, and on an explicitly sharded array only with the reduced axes and
-those after them unsharded.
+contiguous block of axes (trailing, or followed by 16 to 128 entries; a ``where`` mask is applied
+by XLA first), no ``axis_name``, and on an explicitly sharded array only with the reduced axes
+and those after them unsharded. ``_primitives.py`` decides, when lowering for CPU.
 
 Building the package (``pip install``, ``pip wheel``; CMakeLists.txt) compiles one library per
 instruction set into ``_cpu/`` with a ``manifest.json`` of their sizes and SHA-256 digests. At
