@@ -60,11 +60,12 @@ def test_nn_softmax_where_mask(name):
     def unmasked_outputs(x):
         return jnp.take(fn(x, where=NN_MASK), jnp.array([0, 2, 3]))
 
-    if name == "softmax":
-        check_grads(unmasked_outputs, (NN_X,), order=2)
-    else:
-        with enable_x64():  # float32 differences are too noisy for log_softmax, see above
-            check_grads(unmasked_outputs, (NN_X.astype(jnp.float64),), order=2)
+    # In float64: upstream's float32 check passes or fails on rounding (its second-order finite
+    # differences of the kernels' float32 output missed by 9% in one CI run while the exact
+    # derivatives matched jax.nn's to 1e-6), see also the log_softmax note above. The float32
+    # derivatives, kernels included, are compared with jax.nn's exact ones below.
+    with enable_x64():
+        check_grads(unmasked_outputs, (NN_X.astype(jnp.float64),), order=2)
     # And jax.nn's values for the same derivatives.
     v = jnp.array([0.3, -1.0, 0.7, 2.0])
 
