@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _formula
 from ._reductions import axis_size, compute_dtype, global_max, global_sum
 from ._validation import check_ignore_index, check_input, is_arraylike
 
@@ -84,36 +85,64 @@ def _label_weights(
     return valid, valid & ~in_range, label_weight
 
 
-def _row_shift(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, jax.Array]:
-    """``(row_max, shift)``: the shift is the row maximum clamped to the finite floats.
+def _row_statistics(
+    logits: jax.Array, axes: Axes, axis_name: Any, spread_weight: Any = None
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """``(shift, log_normalizer, spread)`` per row (kept axes), in the compute dtype.
 
-    A row with nothing but -inf gets the lowest float as its shift, so ``x - shift`` stays -inf
-    there (not ``-inf - -inf = NaN``); a row holding NaN keeps a NaN shift. Min and negate, no
-    select: CPU XLA then fuses the shift into the reductions that use it.
+    ``shift`` is the row maximum and ``log_normalizer`` is ``log(sum(exp(x - shift)))``, by
+    ``_formula``'s rules: for every entry, ``_formula.subtract_shift(x, shift) - log_normalizer``
+    is its log-probability, -inf at the finite entries of a row holding +inf and everywhere in a
+    row of nothing but -inf (whose normaliser is finite: the sum is reduced from the smallest
+    normal float), never NaN unless the row holds NaN. ``spread`` is
+    ``sum(spread_weight * -(x - shift))`` with 0 where the weight is 0 (even at -inf), the
+    smoothing term; ``spread_weight=1`` for unit weights, None to skip it.
+
+    On GPU and TPU the formulas are select-free on row values, so XLA's fusions keep each pass
+    in one kernel. On CPU, XLA (YNNPACK) fuses the plain ``max -> exp(x - max) -> sum`` into one
+    pass but materialises a select or a clamp: the plain formulas run first, and only a batch
+    with a row maximum of +-inf or NaN takes the exact formulas (a ``lax.cond``).
     """
-    # The maximum is exact in any float dtype: taken before the upcast, it reads bf16 directly.
-    compute = compute_dtype(x.dtype)
-    row_max = global_max(x, axes, axis_name).astype(compute)
-    largest = jnp.finfo(compute).max
-    return row_max, -jnp.minimum(-jnp.minimum(row_max, largest), largest)
+
+    def spread(shifted: jax.Array) -> jax.Array | None:
+        if spread_weight is None:
+            return None
+        if isinstance(spread_weight, (int, float)) and spread_weight == 1:
+            return global_sum(-shifted, axes, axis_name)
+        terms = jnp.where(spread_weight == 0, 0, spread_weight * -shifted)
+        return global_sum(terms, axes, axis_name)
+
+    def exact(logits: jax.Array) -> tuple[Any, ...]:
+        shift, shifted = _formula.shifted_input(logits, axes, axis_name)
+        total = _formula.exp_sum(shifted, axes, axis_name)
+        return shift, _log_of_sum(total), spread(shifted)
+
+    def plain(logits: jax.Array, shift: jax.Array) -> tuple[Any, ...]:
+        shifted = logits.astype(shift.dtype) - shift
+        total = global_sum(jnp.exp(shifted), axes, axis_name)
+        return shift, _log_of_sum(total), spread(shifted)
+
+    def cpu(logits: jax.Array) -> tuple[Any, ...]:
+        shift = global_max(logits.astype(compute_dtype(logits.dtype)), axes, axis_name)
+        # Both branches inside the cond: a closed-over plain result would carry the NaN tangents
+        # of a +inf row into reverse mode (0 * NaN) even when the exact branch is taken.
+        return lax.cond(jnp.all(jnp.isfinite(shift)), plain, lambda x, _: exact(x), logits, shift)
+
+    return lax.platform_dependent(logits, cpu=cpu, default=exact)
 
 
-def _clamped_shifted(x: jax.Array, shift: jax.Array) -> jax.Array:
-    """``min(x, float max) - shift``: ``x - max`` in finite rows; in a row holding +inf, 0 at the
-    +inf entries and about -3.4e38 elsewhere, so exp() gives the +inf limit (the +inf entries
-    share the mass; a finite logit equal to the float maximum would share too).
-
-    No select: CPU XLA fuses a min/subtract/exp producer into the reduction, where a select
-    would make it materialise a logits-sized temporary.
-    """
-    return jnp.minimum(x, jnp.finfo(x.dtype).max) - shift
+@jax.custom_jvp
+def _log_of_sum(total: jax.Array) -> jax.Array:
+    """``log(total)`` for a row's sum of exponentials: at least 1, or the floor of a fully masked
+    row, where the total and its tangent are 0 but differentiating ``t / total`` again would meet
+    ``1 / tiny**2 = inf`` and give ``0 * inf = NaN`` at second and higher order."""
+    return jnp.log(total)
 
 
-def _exact_shifted(x: jax.Array, row_max: jax.Array, shift: jax.Array) -> jax.Array:
-    """``x - max`` with the +inf limit taken exactly: 0 at +inf entries, -inf elsewhere."""
-    return jnp.where(row_max == jnp.inf, jnp.where(x == jnp.inf, 0.0, -jnp.inf), x - shift).astype(
-        x.dtype
-    )
+@_log_of_sum.defjvp
+def _log_of_sum_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]):
+    (total,), (tangent,) = primals, tangents
+    return jnp.log(total), tangent / jnp.where(total < 1, 1, total)
 
 
 def _split_explicitly(x: jax.Array, axis: int) -> bool:
@@ -157,7 +186,11 @@ def _contract(gradient: jax.Array, tangent: jax.Array, axis: int, axis_name: Any
 
 
 def _rematerialized(linear: Any) -> Any:
-    return jax.checkpoint(linear, policy=jax.checkpoint_policies.nothing_saveable)
+    # prevent_cse=False: no optimization barrier around the recomputation, so under one jit XLA
+    # may merge the row-level work of both directions (a barrier cost GPU and TPU kernels); what
+    # reverse mode saves is the same.
+    policy = jax.checkpoint_policies.nothing_saveable
+    return jax.checkpoint(linear, policy=policy, prevent_cse=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,46 +214,24 @@ def _labels_fwd(
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
     label_weight = label_weight.astype(compute)
 
-    row_max, shift = _row_shift(logits, axes, axis_name)
-    shifted = _clamped_shifted(x, shift)
-    sums: tuple[jax.Array, ...] = (jnp.exp(shifted),)
+    spread_weight = None
     if smoothing > 0:
-        # sum_c w_c * (max - x_c): every term is >= 0, so adding W * log_normalizer later does
-        # not cancel digits; a -inf logit makes it +inf (as in torch).
-        if weight is None:
-            # From row_max, not the shift: CPU XLA materialises a broadcast that two of its
-            # reductions share. Rows holding +inf or nothing but -inf are fixed up below.
-            sums += (row_max - x,)
-        else:
-            # Weight-0 classes add 0 even at -inf logits (0 * log 0 = 0).
-            class_weight = _local_weight(weight, x, axis, axis_name)
-            exact = _exact_shifted(x, row_max, shift)
-            sums += (jnp.where(class_weight == 0, 0, class_weight * -exact),)
-    reduced = global_sum(sums, axes, axis_name)
-    sum_exp = reduced[0]
-    log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
-    holds_plus_inf = row_max == jnp.inf
-
+        spread_weight = 1 if weight is None else _local_weight(weight, x, axis, axis_name)
+    shift, log_normalizer, spread = _row_statistics(logits, axes, axis_name, spread_weight)
     loss = jnp.zeros(log_normalizer.shape, compute)
     if smoothing < 1:
         label_logit = _label_logit(x, labels, num_classes, axis, axis_name)
-        nll = log_normalizer - _clamped_shifted(label_logit, shift)
-        # Next to a +inf logit, any finite label is infinitely unlikely (the clamp hid that).
-        nll = jnp.where(holds_plus_inf & (label_logit != jnp.inf), jnp.inf, nll)
+        # -log p of the label: +inf for a finite label in a row holding +inf (its shifted value
+        # is -inf there), log(k) for one of k +inf labels.
+        nll = log_normalizer - _formula.subtract_shift(label_logit, shift)
         loss += (1 - smoothing) * jnp.expand_dims(label_weight, axis) * nll
     if smoothing > 0:
+        # W * log_normalizer + sum_c w_c * -(x_c - shift): every term is >= 0, so the sum does
+        # not cancel digits; +inf with smoothing mass on a class of probability 0 (a -inf logit,
+        # or a finite one next to +inf), as in torch.
+        assert spread is not None  # asked for with a spread_weight
         total_weight = num_classes if weight is None else jnp.sum(weight).astype(compute)
-        smooth = total_weight * log_normalizer + reduced[1]
-        if weight is None:
-            # sum_exp counts the +inf entries: fewer than C means smoothing mass on the others;
-            # C of them share the mass equally, log_softmax = -log(C) at each.
-            smooth = jnp.where(
-                holds_plus_inf,
-                jnp.where(sum_exp < num_classes, jnp.inf, num_classes * log_normalizer),
-                smooth,
-            )
-            smooth = jnp.where(row_max == -jnp.inf, jnp.inf, smooth)
-        loss += (smoothing / num_classes) * smooth
+        loss += (smoothing / num_classes) * (total_weight * log_normalizer + spread)
     loss = jnp.squeeze(loss, axis)
     # Ignored rows contribute exactly 0 whatever their logits; out-of-range labels give NaN.
     loss = jnp.where(valid, loss, 0)
@@ -243,7 +254,7 @@ def _labels_bwd(
     num_classes = _num_classes(num_local, axis_name)
     valid, out_of_range, label_weight = _label_weights(labels, weight, ignore_index, num_classes)
     # The shift is constant per row: the probabilities come back elementwise, no reduction.
-    probs = jnp.exp(_clamped_shifted(x, shift) - log_normalizer)
+    probs = jnp.exp(_formula.subtract_shift(x, shift) - log_normalizer)
 
     is_label = _class_ids(x.ndim, axis, num_local, axis_name) == jnp.expand_dims(labels, axis)
     label_mass = jnp.expand_dims((1 - smoothing) * label_weight.astype(compute), axis)
@@ -328,23 +339,11 @@ def _probs_fwd(
     class_weight = _local_weight(weight, x, axis, axis_name)
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
 
-    row_max, shift = _row_shift(logits, axes, axis_name)
-    # Shifted by row_max rather than the shift, whose broadcast CPU XLA would otherwise
-    # materialise for the two reductions; rows of nothing but -inf stay -inf.
-    exact = jnp.where(row_max == -jnp.inf, -jnp.inf, _exact_shifted(x, row_max, row_max))
     # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
-    sum_exp, total_mass, weighted_shifted = global_sum(
-        (
-            jnp.exp(_clamped_shifted(x, shift)),
-            mass,
-            jnp.where(mass == 0, 0, mass * -exact),
-        ),
-        axes,
-        axis_name,
-    )
-    log_normalizer = jnp.log(jnp.where(sum_exp == 0, 1, sum_exp))
+    shift, log_normalizer, weighted_shifted = _row_statistics(logits, axes, axis_name, mass)
+    total_mass = global_sum(mass, axes, axis_name)
     loss = jnp.squeeze(total_mass * log_normalizer + weighted_shifted, axis)
-    return loss, (logits, targets, weight, row_max, shift, log_normalizer, total_mass)
+    return loss, (logits, targets, weight, shift, log_normalizer, total_mass)
 
 
 def _probs_bwd(
@@ -354,14 +353,14 @@ def _probs_bwd(
     residuals: tuple[Any, ...],
     cotangent: jax.Array,
 ) -> tuple[jax.Array, jax.Array, None]:
-    logits, targets, weight, row_max, shift, log_normalizer, total_mass = residuals
+    logits, targets, weight, shift, log_normalizer, total_mass = residuals
     compute = compute_dtype(logits.dtype)
     x = logits.astype(compute)
     num_local = x.shape[axis]
     num_classes = _num_classes(num_local, axis_name)
     class_weight = _local_weight(weight, x, axis, axis_name)
     mass = _target_mass(targets.astype(compute), class_weight, smoothing, num_classes)
-    log_probs = _exact_shifted(x, row_max, shift) - log_normalizer
+    log_probs = _formula.subtract_shift(x, shift) - log_normalizer
     g = jnp.expand_dims(cotangent.astype(compute), axis)
 
     logits_grad = g * (jnp.exp(log_probs) * total_mass - mass)

@@ -71,9 +71,24 @@ def shifted_input(x: jax.Array, axes: Axes, axis_name: Any) -> tuple[jax.Array, 
         shift = jnp.maximum(shift, lowest)  # see _single_entry
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
+    shift = shift.astype(compute_dtype(x.dtype))
+    return shift, subtract_shift(x, shift)
+
+
+def subtract_shift(x: jax.Array, shift: jax.Array) -> jax.Array:
+    """``x - shift`` in the compute dtype, 0 at +inf entries (the rules above)."""
     wide = x.astype(compute_dtype(x.dtype))
-    shift = shift.astype(wide.dtype)
-    return shift, jnp.where(wide == jnp.inf, 0, wide - shift)
+    return jnp.where(wide == jnp.inf, 0, wide - shift)
+
+
+def exp_sum(shifted: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
+    """``sum(exp(shifted))`` over ``axes`` (kept), reduced from ``finfo.tiny``: positive even for
+    a fully masked slice, exact otherwise (every other slice sums to at least 1)."""
+    tiny = jnp.finfo(shifted.dtype).tiny
+    total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
+    if _single_entry(shifted, axes):
+        total = jnp.maximum(total, tiny)  # see _single_entry
+    return total if axis_name is None else lax.psum(total, axis_name)
 
 
 def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
@@ -84,12 +99,7 @@ def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
 def normalize(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
     """softmax (``log=False``) or log_softmax of ``x`` over ``axes``; masked entries are -inf."""
     _, shifted = shifted_input(x, axes, axis_name)
-    tiny = jnp.finfo(shifted.dtype).tiny
-    total = _keep(lax.reduce(jnp.exp(shifted), tiny, lax.add, axes), axes)
-    if _single_entry(x, axes):
-        total = jnp.maximum(total, tiny)
-    if axis_name is not None:
-        total = lax.psum(total, axis_name)
+    total = exp_sum(shifted, axes, axis_name)
     if log:
         # (x - m) - log(sum): subtracting log(sum) from the small shifted value keeps digits that
         # x - (m + log(sum)) loses at large |x|.

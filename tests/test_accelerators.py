@@ -29,14 +29,6 @@ if not (AOT_PYTHON and Path(AOT_PYTHON).exists() and Path(AOT_TOOL, "aot.py").ex
         "the xla-aot compilers are not installed (JSOFTMAX_AOT_PYTHON)", allow_module_level=True
     )
 
-# Cases where jsoftmax still launches more kernels than the reference: each must keep failing
-# (strict xfail) until it is fixed, and then leave this list.
-KNOWN_GAPS = {
-    "h100/cross_entropy/grad/float32/4096x32000": "11 vs 8 kernels: cross_entropy's row values "
-    "still pass through selects and negations",
-    "v5e/cross_entropy/grad/float32/4096x32000": "7 vs 5 kernels: as on the H100",
-}
-
 
 @pytest.fixture(scope="module")
 def counts() -> dict[str, dict[str, int]]:
@@ -51,27 +43,24 @@ def counts() -> dict[str, dict[str, int]]:
 
 def _case_names() -> list[str]:
     # The same enumeration as the script, without importing it (it needs the compilers).
+    shapes = ("4096x4096", "16384x1000", "64x262144")
+    dtype_shapes = [(d, s) for d in ("float32", "bfloat16") for s in shapes]
+    dtype_shapes.append(("float16", shapes[0]))
     names = []
     for target in ("h100", "v5e"):
         for op in ("softmax", "log_softmax", "logsumexp"):
-            for dtype in ("float32", "bfloat16"):
-                for shape in ("4096x4096", "16384x1000", "64x262144"):
-                    for mask in ("", "/where"):
-                        for passname in ("fwd", "grad"):
-                            names.append(f"{target}/{op}/{passname}/{dtype}/{shape}{mask}")
-        names += [f"{target}/cross_entropy/{p}/float32/4096x32000" for p in ("fwd", "grad")]
+            for dtype, shape in dtype_shapes:
+                for mask in ("", "/where"):
+                    for passname in ("fwd", "grad"):
+                        names.append(f"{target}/{op}/{passname}/{dtype}/{shape}{mask}")
+        for dtype in ("float32", "bfloat16"):
+            for mask in ("", "/where"):
+                for passname in ("fwd", "grad"):
+                    names.append(f"{target}/cross_entropy/{passname}/{dtype}/4096x32000{mask}")
     return names
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[name]))
-        if name in KNOWN_GAPS
-        else name
-        for name in _case_names()
-    ],
-)
+@pytest.mark.parametrize("case", _case_names())
 def test_no_more_kernels_than_the_reference(counts, case):
     assert case in counts, sorted(counts)[:5]
     got = counts[case]
