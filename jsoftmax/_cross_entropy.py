@@ -11,7 +11,8 @@ labels and one for probability targets, return the per-row loss; the reductions 
 ``softmax * sum(t) - t``, rebuilt in one elementwise pass from the logits and two per-row values
 (the shift and the log-normaliser), contracted with the tangent; reverse mode is its transpose,
 rematerialised, so it saves the logits (already alive as the input) and the two per-row values,
-never a probability tensor. The one-hot
+never a probability tensor. The row statistics follow ``_formula``'s select-free rules, so
+XLA fuses them on GPU and TPU as it fuses softmax (``_row_statistics``). The one-hot
 target is a comparison with a class iota, never materialised. The label's logit is a gather (one
 element per row) or, where the class axis is split across devices, a masked sum finished by a
 per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
