@@ -32,9 +32,7 @@ def masked_input(x: jax.Array, where: jax.Array | None) -> jax.Array:
 def axis_size(axis_name: Any, fname: str) -> int:
     """Number of devices along ``axis_name``; a clear error when no shard_map binds it."""
     try:
-        if hasattr(lax, "axis_size"):
-            return int(lax.axis_size(axis_name))
-        return int(lax.psum(1, axis_name))
+        return int(lax.axis_size(axis_name))
     except NameError as err:
         raise ValueError(
             f"{fname}: axis_name expected a mesh axis bound by an enclosing jax.shard_map, "

@@ -85,14 +85,10 @@ def relative_error(approx: Any, exact: np.ndarray) -> float:
 
 
 def enable_x64() -> Any:
-    """Context manager turning on JAX's 64-bit types (its spelling moved between versions)."""
+    """Context manager turning on JAX's 64-bit types."""
     import jax
 
-    if hasattr(jax, "enable_x64"):
-        return jax.enable_x64(True)
-    from jax.experimental import enable_x64 as legacy_enable_x64  # type: ignore[attr-defined]
-
-    return legacy_enable_x64()
+    return jax.enable_x64(True)
 
 
 def ref_cross_entropy(
