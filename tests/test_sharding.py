@@ -394,3 +394,39 @@ def test_fresh_process_with_the_flag():
     devices, loss = result.stdout.split()
     assert devices == "8"
     np.testing.assert_allclose(float(loss), np.log(16.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_shard_map_cross_entropy_rows_with_infinite_maxima_match_one_device(smoothing):
+    # A batch holding a row that +inf wins (on one shard only) and a fully -inf row makes the CPU
+    # take the exact row statistics (a lax.cond whose branch holds the per-row all-reduces): the
+    # sharded loss and gradient equal the unsharded ones, the edge rows included.
+    mesh = _mesh("auto")
+    x = _logits(seed=17)  # row 1: -inf but on the last shard; row 2: -inf everywhere
+    x[0, 42] = np.inf
+    labels = np.array([42, 60, -100, 7])
+
+    def loss(a, y, **kwargs):
+        return jsoftmax.cross_entropy(a, y, label_smoothing=smoothing, reduction="none", **kwargs)
+
+    sharded = shard_map(
+        lambda a, y: loss(a, y, axis_name="vocab"),
+        mesh=mesh,
+        in_specs=(P(None, "vocab"), P()),
+        out_specs=P(),
+    )
+    expected = jax.jit(loss)(x, labels)
+    np.testing.assert_allclose(to_f64(sharded(x, labels)), to_f64(expected), rtol=2e-6)
+    # Row 0: the label is the one +inf logit (loss 0), smoothing puts mass next to it (+inf); row
+    # 1: finite, or +inf with smoothing mass on its -inf classes; row 2 is ignored.
+    edge = [0.0, None, 0.0] if smoothing == 0 else [np.inf, np.inf, 0.0]
+    for row, value in enumerate(edge):
+        got = float(expected[row])
+        assert np.isfinite(got) if value is None else got == value, (row, got)
+
+    def total(f):
+        return jax.grad(lambda a: jnp.sum(jnp.where(jnp.isfinite(f(a, labels)), f(a, labels), 0)))
+
+    np.testing.assert_allclose(
+        to_f64(jax.jit(total(sharded))(x)), to_f64(jax.jit(total(loss))(x)), rtol=2e-6, atol=1e-7
+    )
