@@ -124,7 +124,9 @@ def _row_statistics(
         return shift, _log_of_sum(total), spread(shifted)
 
     def cpu(logits: jax.Array) -> tuple[Any, ...]:
-        shift = global_max(logits.astype(compute_dtype(logits.dtype)), axes, axis_name)
+        # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy of the
+        # logits on CPU (3.4x the forward time at [512, 32000]).
+        shift = global_max(logits, axes, axis_name).astype(compute_dtype(logits.dtype))
         # Both branches inside the cond: a closed-over plain result would carry the NaN tangents
         # of a +inf row into reverse mode (0 * NaN) even when the exact branch is taken.
         return lax.cond(jnp.all(jnp.isfinite(shift)), plain, lambda x, _: exact(x), logits, shift)
