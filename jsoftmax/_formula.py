@@ -115,6 +115,36 @@ def logsumexp(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return (shift + jnp.log(total)).astype(x.dtype)
 
 
+def plain_first(exact: Any, plain: Any, x: jax.Array, axes: Axes, axis_name: Any) -> Any:
+    """``plain(x, max)`` when every slice maximum is finite, else ``exact(x)``: for CPU.
+
+    XLA's CPU backend (YNNPACK) fuses ``max -> exp(x - max) -> sum`` into one pass only in that
+    plain form; the select of the +inf rule, or a clamp, makes it materialise a copy of ``x``
+    (2.5x the time of ``log(sum(exp(x - max)))`` at [1024, 32000]). With every maximum finite the
+    plain formulas give the same values, so only a batch with a +-inf or NaN maximum pays for the
+    exact ones. ``plain`` gets the maximum (kept axes) in the compute dtype; both branches live
+    inside the ``lax.cond`` (a plain result computed outside would carry a +inf slice's NaN
+    tangents into reverse mode even when the exact branch is taken).
+    """
+    # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy on CPU.
+    lowest = jnp.finfo(x.dtype).min
+    shift = _keep(lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes), axes)
+    if axis_name is not None:
+        shift = lax.pmax(shift, axis_name)
+    shift = shift.astype(compute_dtype(x.dtype))
+    return lax.cond(jnp.all(jnp.isfinite(shift)), plain, lambda x, _: exact(x), x, shift)
+
+
+def logsumexp_cpu(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
+    """:func:`logsumexp` by :func:`plain_first`."""
+
+    def plain(x: jax.Array, shift: jax.Array) -> jax.Array:
+        total = global_sum(jnp.exp(x.astype(shift.dtype) - shift), axes, axis_name)
+        return (shift + jnp.log(total)).astype(x.dtype)
+
+    return plain_first(lambda x: logsumexp(x, axes, axis_name), plain, x, axes, axis_name)
+
+
 # ----------------------------------------------------------------------------------------------
 # Tangent maps. The Jacobian of softmax, diag(y) - y y^T, is symmetric: one map serves both
 # directions. log_softmax's map and its transpose differ; both treat -inf outputs (masked

@@ -61,6 +61,10 @@ def _logsumexp_formula(x: jax.Array, *where: jax.Array, axes, axis_name) -> jax.
     return _formula.logsumexp(_formula.masked(x, *where), axes, axis_name)
 
 
+def _logsumexp_cpu(x: jax.Array, *where: jax.Array, axes, axis_name) -> jax.Array:
+    return _formula.logsumexp_cpu(_formula.masked(x, *where), axes, axis_name)
+
+
 def _impl(formula: Any):
     """Eager evaluation (a primitive bound outside any trace): the formula, jitted."""
 
@@ -165,6 +169,9 @@ for _primitive, _formula_fn, _cpu_fn in (
     mlir.register_lowering(_primitive, _lowering(_formula_fn))
     if _cpu_fn is not None:
         mlir.register_lowering(_primitive, _lowering(_formula_fn, _cpu_fn, cpu=True), "cpu")
+# No kernel for logsumexp: on CPU the formula with its plain form first (also under export, where
+# the "cpu" lowering is the one used for that platform).
+mlir.register_lowering(logsumexp_p, _lowering(_logsumexp_cpu), "cpu")
 mlir.register_lowering(normalize_p, _lowering(_normalize_formula, _normalize_cuda), "cuda")
 
 
