@@ -126,13 +126,28 @@ def plain_first(exact: Any, plain: Any, x: jax.Array, axes: Axes, axis_name: Any
     inside the ``lax.cond`` (a plain result computed outside would carry a +inf slice's NaN
     tangents into reverse mode even when the exact branch is taken).
     """
-    # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy on CPU.
-    lowest = jnp.finfo(x.dtype).min
-    shift = _keep(lax.reduce(lax.stop_gradient(x), lowest, lax.max, axes), axes)
+    # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy on CPU. From
+    # -inf, not finfo.min: a fully masked slice must take the exact branch.
+    shift = _keep(
+        lax.reduce(lax.stop_gradient(x), jnp.array(-jnp.inf, x.dtype), lax.max, axes), axes
+    )
     if axis_name is not None:
         shift = lax.pmax(shift, axis_name)
     shift = shift.astype(compute_dtype(x.dtype))
     return lax.cond(jnp.all(jnp.isfinite(shift)), plain, lambda x, _: exact(x), x, shift)
+
+
+def normalize_cpu(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
+    """:func:`normalize` by :func:`plain_first`."""
+
+    def plain(x: jax.Array, shift: jax.Array) -> jax.Array:
+        shifted = x.astype(shift.dtype) - shift
+        total = global_sum(jnp.exp(shifted), axes, axis_name)
+        if log:
+            return (shifted - jnp.log(total)).astype(x.dtype)
+        return (jnp.exp(shifted) / total).astype(x.dtype)
+
+    return plain_first(lambda x: normalize(x, axes, axis_name, log), plain, x, axes, axis_name)
 
 
 def logsumexp_cpu(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:

@@ -19,7 +19,8 @@ Which implementation runs is decided here, per platform, when lowering: on CPU t
 kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``); on CUDA the
 Pallas kernel of ``_gpu.py`` for long rows; everywhere else, and whenever the computation is
 being exported (``jax.export`` artifacts must run where jsoftmax's kernels do not exist), the
-formulas of ``_formula.py``, which XLA fuses into one kernel per pass on GPU and TPU.
+formulas of ``_formula.py``, which XLA fuses into one kernel per pass on GPU and TPU (on CPU in
+their plain form first, ``_formula.plain_first``, which XLA's CPU backend fuses).
 
 This is the only module that uses JAX's rule registries (``jax.interpreters.ad``, ``batching``,
 ``mlir`` and ``jax.extend.core.Primitive``). They are public modules with a semi-public contract:
@@ -59,6 +60,11 @@ def _tangent_formula(y, t, *, axes, axis_name, log, masked, kernel, transposed) 
 
 def _logsumexp_formula(x: jax.Array, *where: jax.Array, axes, axis_name) -> jax.Array:
     return _formula.logsumexp(_formula.masked(x, *where), axes, axis_name)
+
+
+def _normalize_cpu_formula(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel):
+    del kernel
+    return _formula.normalize_cpu(_formula.masked(x, *where), axes, axis_name, log)
 
 
 def _logsumexp_cpu(x: jax.Array, *where: jax.Array, axes, axis_name) -> jax.Array:
@@ -161,16 +167,18 @@ def _lowering(formula: Any, special: Any | None = None, *, cpu: bool = False):
     return rule
 
 
-for _primitive, _formula_fn, _cpu_fn in (
-    (normalize_p, _normalize_formula, _normalize_cpu),
-    (tangent_p, _tangent_formula, _tangent_cpu),
-    (logsumexp_p, _logsumexp_formula, None),
+for _primitive, _formula_fn in (
+    (normalize_p, _normalize_formula),
+    (tangent_p, _tangent_formula),
+    (logsumexp_p, _logsumexp_formula),
 ):
     mlir.register_lowering(_primitive, _lowering(_formula_fn))
-    if _cpu_fn is not None:
-        mlir.register_lowering(_primitive, _lowering(_formula_fn, _cpu_fn, cpu=True), "cpu")
-# No kernel for logsumexp: on CPU the formula with its plain form first (also under export, where
-# the "cpu" lowering is the one used for that platform).
+# CPU: the kernels where the bind-time check allowed them (never under export); otherwise the
+# formulas, normalize and logsumexp in their plain form first (_formula.plain_first).
+mlir.register_lowering(
+    normalize_p, _lowering(_normalize_cpu_formula, _normalize_cpu, cpu=True), "cpu"
+)
+mlir.register_lowering(tangent_p, _lowering(_tangent_formula, _tangent_cpu, cpu=True), "cpu")
 mlir.register_lowering(logsumexp_p, _lowering(_logsumexp_cpu), "cpu")
 mlir.register_lowering(normalize_p, _lowering(_normalize_formula, _normalize_cuda), "cuda")
 
