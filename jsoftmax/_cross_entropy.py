@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _formula
-from ._reductions import axis_size, compute_dtype, global_max, global_sum
+from ._formula import compute_dtype, global_sum
+from ._reductions import axis_size
 from ._validation import check_ignore_index, check_input, is_arraylike
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -102,7 +103,7 @@ def _row_statistics(
     On GPU and TPU the formulas are select-free on row values, so XLA's fusions keep each pass
     in one kernel. On CPU, XLA (YNNPACK) fuses the plain ``max -> exp(x - max) -> sum`` into one
     pass but materialises a select or a clamp: the plain formulas run first, and only a batch
-    with a row maximum of +-inf or NaN takes the exact formulas (a ``lax.cond``).
+    with a row maximum of +-inf or NaN takes the exact formulas (``_formula.plain_first``).
     """
 
     def spread(shifted: jax.Array) -> jax.Array | None:
@@ -124,12 +125,7 @@ def _row_statistics(
         return shift, _log_of_sum(total), spread(shifted)
 
     def cpu(logits: jax.Array) -> tuple[Any, ...]:
-        # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy of the
-        # logits on CPU (3.4x the forward time at [512, 32000]).
-        shift = global_max(logits, axes, axis_name).astype(compute_dtype(logits.dtype))
-        # Both branches inside the cond: a closed-over plain result would carry the NaN tangents
-        # of a +inf row into reverse mode (0 * NaN) even when the exact branch is taken.
-        return lax.cond(jnp.all(jnp.isfinite(shift)), plain, lambda x, _: exact(x), logits, shift)
+        return _formula.plain_first(exact, plain, logits, axes, axis_name)
 
     return lax.platform_dependent(logits, cpu=cpu, default=exact)
 
@@ -344,6 +340,7 @@ def _probs_fwd(
 
     # Zero target mass adds 0 even at a -inf logit (0 * log 0 = 0); torch gives NaN there.
     shift, log_normalizer, weighted_shifted = _row_statistics(logits, axes, axis_name, mass)
+    assert weighted_shifted is not None  # asked for with a spread_weight
     total_mass = global_sum(mass, axes, axis_name)
     loss = jnp.squeeze(total_mass * log_normalizer + weighted_shifted, axis)
     return loss, (logits, targets, weight, shift, log_normalizer, total_mass)
