@@ -242,42 +242,35 @@ inline void store_block(typename S::T* p, vf v, int64_t count) {
 }
 
 // Sums in blocks. Within a block, four vector accumulators used in turn (a row's sum split
-// 4 x kLanes ways, and consecutive adds do not wait on each other); after at most kBlockAdds adds
-// (the loops call flush) the block's partial sums go into float64 lanes. A float32 partial sum
-// thus adds at most 16 terms whatever the length, so the rounding error of a sum does not grow
-// with it (with the float32 accumulators alone it grew linearly: issue 14), for one conversion
-// and add per kBlockAdds vectors.
+// 4 x kLanes ways, and consecutive adds do not wait on each other); after at most kBlockAdds
+// vectors the block's partial sums go into float64 lanes. A float32 partial sum thus adds at most
+// kBlockAdds / 4 + 3 terms whatever the length, so the rounding error of a sum does not grow with
+// it (with the float32 accumulators alone it grew linearly: issue 14), for one conversion and add
+// per kBlockAdds vectors. The loop is unrolled by four by hand: an accumulator picked by a
+// running index kept the four in memory (a load and a store per add).
 constexpr int kBlockAdds = 64;
 constexpr int64_t kBlockEntries = int64_t(kBlockAdds) * kLanes;
 
-struct Accumulator {
-  vf part[4] = {vf{}, vf{}, vf{}, vf{}};
+// The sum over [0, n) of term(i, count), called in order for each block of kLanes entries at i
+// (count = kLanes except for the last, partial one), as float64.
+template <class F>
+inline double blocked_sum(int64_t n, F&& term) {
   vd wide = vd{};
-  unsigned next = 0;
-  void add(vf v) {
-    part[next] += v;
-    next = (next + 1) & 3u;
-  }
-  void flush() {
-    wide += widen((part[0] + part[1]) + (part[2] + part[3]));
-    part[0] = part[1] = part[2] = part[3] = vf{};
-    next = 0;
-  }
-  double total() {
-    flush();
-    return hsum(wide);
-  }
-};
-
-// for_blocks over a row in blocks of kBlockEntries, flushing `acc` after each.
-template <class S, class F>
-inline void for_summed_blocks(const typename S::T* p, int64_t n, float pad, Accumulator& acc,
-                              F&& body) {
   for (int64_t start = 0; start < n; start += kBlockEntries) {
-    for_blocks<S>(p + start, std::min(kBlockEntries, n - start), pad,
-                  [&](vf v, int64_t i, int64_t count) { body(v, start + i, count); });
-    acc.flush();
+    const int64_t end = std::min(n, start + kBlockEntries);
+    vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
+    int64_t i = start;
+    for (; i + 4 * kLanes <= end; i += 4 * kLanes) {
+      a0 += term(i, int64_t(kLanes));
+      a1 += term(i + kLanes, int64_t(kLanes));
+      a2 += term(i + 2 * kLanes, int64_t(kLanes));
+      a3 += term(i + 3 * kLanes, int64_t(kLanes));
+    }
+    for (; i + kLanes <= end; i += kLanes) a0 += term(i, int64_t(kLanes));
+    if (i < end) a1 += term(i, end - i);
+    wide += widen((a0 + a1) + (a2 + a3));
   }
+  return hsum(wide);
 }
 
 enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
@@ -336,31 +329,30 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     case RowKind::kNormal:
       break;
   }
-  Accumulator acc;
   // While this row is computed from cache, the next one is fetched from memory: one prefetch per
   // block of the exp pass covers the next row's cache lines.
   auto prefetch_next = [&](int64_t i) {
     if (next != nullptr) __builtin_prefetch(next + i);
   };
   if constexpr (kLog) {
-    for_summed_blocks<S>(x, n, -kInf, acc, [&](vf v, int64_t i, int64_t) {
+    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
       prefetch_next(i);
-      acc.add(vexp(v - m));
+      return vexp(load_block<S>(x + i, count, -kInf) - m);
     });
-    const float log_sum = float(std::log(acc.total()));
+    const float log_sum = float(std::log(sum));
     for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, (v - m) - log_sum, count);
     });
   } else {
     // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
     float* e = std::is_same_v<typename S::T, float> ? reinterpret_cast<float*>(y) : scratch;
-    for_summed_blocks<S>(x, n, -kInf, acc, [&](vf v, int64_t i, int64_t count) {
+    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
       prefetch_next(i);
-      const vf ev = vexp(v - m);
-      acc.add(ev);
+      const vf ev = vexp(load_block<S>(x + i, count, -kInf) - m);
       store_block<F32>(e + i, ev, count);
+      return ev;
     });
-    const float inv = float(1.0 / acc.total());
+    const float inv = float(1.0 / sum);
     for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, v * inv, count);
     });
@@ -371,21 +363,14 @@ template <class S, bool kLog>
 void backward_row(const typename S::T* y, const typename S::T* g, typename S::T* dx, int64_t n,
                   const typename S::T* next_y, const typename S::T* next_g) {
   const float y_pad = kLog ? -kInf : 0.0f;
-  Accumulator acc;
-  for (int64_t start = 0; start < n; start += kBlockEntries) {
-    const int64_t end = std::min(n, start + kBlockEntries);
-    for (int64_t i = start; i < end; i += kLanes) {
-      const int64_t count = std::min<int64_t>(kLanes, end - i);
-      const vf yv = load_block<S>(y + i, count, y_pad);
-      const vf gv = load_block<S>(g + i, count, 0.0f);
-      if constexpr (kLog)
-        acc.add((yv == -kInf) ? splat(0.0f) : gv);
-      else
-        acc.add(gv * yv);
-    }
-    acc.flush();
-  }
-  const float total = float(acc.total());
+  const float total = float(blocked_sum(n, [&](int64_t i, int64_t count) {
+    const vf yv = load_block<S>(y + i, count, y_pad);
+    const vf gv = load_block<S>(g + i, count, 0.0f);
+    if constexpr (kLog)
+      return (yv == -kInf) ? splat(0.0f) : gv;
+    else
+      return gv * yv;
+  }));
   for (int64_t i = 0; i < n; i += kLanes) {
     if (next_y != nullptr) {  // the next row, from memory, while this one comes from cache
       __builtin_prefetch(next_y + i);
@@ -464,7 +449,7 @@ void advise_huge_pages(void* data, size_t bytes) {
 // outer index, so each step down the slices reads one contiguous stretch of a row; each lane is
 // one slice and the row rules are applied lane by lane, with the XLA path's formula (shift by the
 // maximum when finite, +inf slices to their limit, NaN slices NaN, empty sums replaced by 1).
-// Sums are blocked as in Accumulator: four float32 accumulators per lane (j % 4) over kBlockAdds
+// Sums are blocked as in blocked_sum: four float32 accumulators per lane (j % 4) over kBlockAdds
 // steps, then float64 lanes.
 constexpr int kGroup = 128 / kLanes;
 
