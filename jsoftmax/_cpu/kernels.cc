@@ -275,28 +275,32 @@ inline double blocked_sum(int64_t n, F&& term) {
 
 enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
 
-// Pass 1: the row maximum and which rule applies.
+template <class S>
+bool has_nan(const typename S::T* x, int64_t n) {
+  vi nan = vi{};
+  for_blocks<S>(x, n, 0.0f, [&](vf v, int64_t, int64_t) { nan |= v != v; });
+  return any(nan);
+}
+
+// Pass 1: the row maximum and which rule applies. The maximum skips NaN (a comparison with NaN
+// is false); a NaN in a row whose maximum is finite is not looked for here: it makes the sum of
+// the exponentials NaN, and with it every entry of the result. Rows whose maximum is infinite
+// take other rules, so they are checked for NaN apart.
 template <class S>
 RowKind scan_row(const typename S::T* x, int64_t n, float* row_max) {
   vf m0 = splat(-kInf), m1 = splat(-kInf);
-  vi nan = vi{};
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
     const vf a = S::load(x + i), b = S::load(x + i + kLanes);
-    nan |= (a != a) | (b != b);
     m0 = a > m0 ? a : m0;
     m1 = b > m1 ? b : m1;
   }
-  for_blocks<S>(x + i, n - i, -kInf, [&](vf v, int64_t, int64_t) {
-    nan |= v != v;
-    m0 = v > m0 ? v : m0;
-  });
-  if (any(nan)) return RowKind::kNaN;
+  for_blocks<S>(x + i, n - i, -kInf, [&](vf v, int64_t, int64_t) { m0 = v > m0 ? v : m0; });
   const float m = hmax(m0 > m1 ? m0 : m1);
   *row_max = m;
-  if (m == -kInf) return RowKind::kEmpty;
-  if (m == kInf) return RowKind::kPosInf;
-  return RowKind::kNormal;
+  if (m != -kInf && m != kInf) return RowKind::kNormal;
+  if (has_nan<S>(x, n)) return RowKind::kNaN;
+  return m == kInf ? RowKind::kPosInf : RowKind::kEmpty;
 }
 
 template <class S>
