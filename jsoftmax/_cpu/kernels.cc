@@ -91,31 +91,34 @@ inline bool any(vi m) {
 }
 
 // e^x for float32 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two constants so n ln2
-// is exact), e^r by its Taylor polynomial to degree 7 (truncation below 1e-8 relative), times 2^n.
-// Overflow gives +inf, NaN stays NaN, -inf and anything below -120 give exactly 0. Results below
-// FLT_MIN are 0 or subnormal (XLA's CPU code flushes them to 0).
-inline vf taylor_exp(vf r) {
-  vf p = splat(1.0f / 5040.0f);
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
+// is exact), e^r by a polynomial of degree 6, times 2^n. The coefficients minimise the maximum
+// relative error on [-ln2/2, ln2/2] (2e-9 before they are rounded to float32, 1.7e-8 after);
+// the result is within 1.06 ulp of e^x on [-88, 88] (every float32, against std::exp in double;
+// jax's own exp on this CPU: 1.01 ulp; the Taylor polynomial of degree 7 used before, one FMA
+// more: 0.94). Results below FLT_MIN are 0 or subnormal (XLA's CPU code flushes them to 0).
+inline vf exp_poly(vf r) {
+  vf p = splat(0x1.6ae730p-10f);
+  p = p * r + 0x1.126782p-7f;
+  p = p * r + 0x1.555822p-5f;
+  p = p * r + 0x1.55541ap-3f;
+  p = p * r + 0x1.fffffcp-2f;
   p = p * r + 1.0f;
   return p * r + 1.0f;
 }
 
 #if defined(__AVX512F__)
-// AVX-512: clamps that keep NaN (max/min return their second operand when either is NaN), a
-// rounding instruction for n and scalef for 2^n (exact, underflows to 0, overflows to inf).
+// AVX-512: a rounding instruction for n and scalef for 2^n (exact, underflows to 0, overflows to
+// inf). One clamp, which keeps NaN (max returns its second operand when either is NaN): -inf and
+// anything below -120 give exactly 0. No upper clamp (it cost 2% of the forward pass): the
+// kernels only pass x <= 0, -inf or NaN; any x up to 22713 (n ln2 still exact) gives e^x or
+// +inf, +inf gives NaN.
 inline vf vexp(vf x) {
-  __m512 xc = _mm512_max_ps(_mm512_set1_ps(-120.0f), (__m512)x);
-  xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xc);
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-120.0f), (__m512)x);
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf r = (vf)xc - (vf)n * 0.693359375f;
   r = r - (vf)n * -2.12194440e-4f;
-  return (vf)_mm512_scalef_ps((__m512)taylor_exp(r), n);
+  return (vf)_mm512_scalef_ps((__m512)exp_poly(r), n);
 }
 #else
 inline vf vexp(vf x) {
@@ -126,7 +129,7 @@ inline vf vexp(vf x) {
   const vf n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  const vf p = taylor_exp(r);
+  const vf p = exp_poly(r);
   const vi ni = __builtin_convertvector(n, vi);
   // 2^n for n in [-127, 128] as 2^(n - 1) * 2 when n > 0, so the exponent field never overflows.
   const vi positive = ni > 0;
