@@ -288,17 +288,25 @@ bool has_nan(const typename S::T* x, int64_t n) {
 // Pass 1: the row maximum and which rule applies. The maximum skips NaN (a comparison with NaN
 // is false); a NaN in a row whose maximum is finite is not looked for here: it makes the sum of
 // the exponentials NaN, and with it every entry of the result. Rows whose maximum is infinite
-// take other rules, so they are checked for NaN apart.
+// take other rules, so they are checked for NaN apart. With `copy` (16-bit storage), the row also
+// goes to `copy` in float32, so that the later passes read it without converting it again.
 template <class S>
-RowKind scan_row(const typename S::T* x, int64_t n, float* row_max) {
+RowKind scan_row(const typename S::T* x, int64_t n, float* row_max, float* copy = nullptr) {
   vf m0 = splat(-kInf), m1 = splat(-kInf);
   int64_t i = 0;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
     const vf a = S::load(x + i), b = S::load(x + i + kLanes);
+    if (copy != nullptr) {
+      F32::store(copy + i, a);
+      F32::store(copy + i + kLanes, b);
+    }
     m0 = a > m0 ? a : m0;
     m1 = b > m1 ? b : m1;
   }
-  for_blocks<S>(x + i, n - i, -kInf, [&](vf v, int64_t, int64_t) { m0 = v > m0 ? v : m0; });
+  for_blocks<S>(x + i, n - i, -kInf, [&](vf v, int64_t j, int64_t count) {
+    if (copy != nullptr) store_block<F32>(copy + i + j, v, count);
+    m0 = v > m0 ? v : m0;
+  });
   const float m = hmax(m0 > m1 ? m0 : m1);
   *row_max = m;
   if (m != -kInf && m != kInf) return RowKind::kNormal;
@@ -325,8 +333,12 @@ void pos_inf_row(const typename S::T* x, typename S::T* y, int64_t n, bool log) 
 template <class S, bool kLog>
 void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scratch,
                  const typename S::T* next) {
+  // 16-bit storage: the row is converted once, in the scan, into `scratch` (float32), which the
+  // later passes read instead (and the softmax's exponentials overwrite).
+  constexpr bool kWide = std::is_same_v<typename S::T, float>;
+  const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
   float m = 0.0f;
-  switch (scan_row<S>(x, n, &m)) {
+  switch (scan_row<S>(x, n, &m, kWide ? nullptr : scratch)) {
     case RowKind::kNaN:
       return fill_row<S>(y, n, kNaN);
     case RowKind::kEmpty:
@@ -344,18 +356,18 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
   if constexpr (kLog) {
     const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
       prefetch_next(i);
-      return vexp(load_block<S>(x + i, count, -kInf) - m);
+      return vexp(load_block<F32>(xf + i, count, -kInf) - m);
     });
     const float log_sum = float(std::log(sum));
-    for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+    for_blocks<F32>(xf, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       store_block<S>(y + i, (v - m) - log_sum, count);
     });
   } else {
     // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
-    float* e = std::is_same_v<typename S::T, float> ? reinterpret_cast<float*>(y) : scratch;
+    float* e = kWide ? reinterpret_cast<float*>(y) : scratch;
     const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
       prefetch_next(i);
-      const vf ev = vexp(load_block<S>(x + i, count, -kInf) - m);
+      const vf ev = vexp(load_block<F32>(xf + i, count, -kInf) - m);
       store_block<F32>(e + i, ev, count);
       return ev;
     });
@@ -636,7 +648,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
           forward_columns<S, kLog>(xp + offset, yp + offset, c);
         }
       } else {
-        std::vector<float> scratch(std::is_same_v<T, float> || kLog ? 0 : l.n);
+        std::vector<float> scratch(std::is_same_v<T, float> ? 0 : l.n);
         for (int64_t r = u0; r < u1; ++r)
           forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, scratch.data(),
                                r + 1 < u1 ? xp + (r + 1) * l.n : nullptr);
