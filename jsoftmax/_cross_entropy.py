@@ -114,18 +114,15 @@ def _row_statistics(
         terms = jnp.where(spread_weight == 0, 0, spread_weight * -shifted)
         return global_sum(terms, axes, axis_name)
 
+    def finish(shift: jax.Array, shifted: jax.Array, total: jax.Array) -> tuple[Any, ...]:
+        return shift, _log_of_sum(total), spread(shifted)
+
     def exact(logits: jax.Array) -> tuple[Any, ...]:
         shift, shifted = _formula.shifted_input(logits, axes, axis_name)
-        total = _formula.exp_sum(shifted, axes, axis_name)
-        return shift, _log_of_sum(total), spread(shifted)
-
-    def plain(logits: jax.Array, shift: jax.Array) -> tuple[Any, ...]:
-        shifted = logits.astype(shift.dtype) - shift
-        total = global_sum(jnp.exp(shifted), axes, axis_name)
-        return shift, _log_of_sum(total), spread(shifted)
+        return finish(shift, shifted, _formula.exp_sum(shifted, axes, axis_name))
 
     def cpu(logits: jax.Array) -> tuple[Any, ...]:
-        return _formula.plain_first(exact, plain, logits, axes, axis_name)
+        return _formula.plain_first(exact, finish, logits, axes, axis_name)
 
     return lax.platform_dependent(logits, cpu=cpu, default=exact)
 

@@ -115,17 +115,23 @@ def logsumexp(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return (shift + jnp.log(total)).astype(x.dtype)
 
 
-def plain_first(exact: Any, plain: Any, x: jax.Array, axes: Axes, axis_name: Any) -> Any:
-    """``plain(x, max)`` when every slice maximum is finite, else ``exact(x)``: for CPU.
+def plain_first(exact: Any, finish: Any, x: jax.Array, axes: Axes, axis_name: Any) -> Any:
+    """On CPU: ``finish(shift, x - shift, sum(exp(x - shift)))`` by the plain formulas when every
+    slice maximum is finite, else ``exact(x)``.
 
     XLA's CPU backend (YNNPACK) fuses ``max -> exp(x - max) -> sum`` into one pass only in that
     plain form; the select of the +inf rule, or a clamp, makes it materialise a copy of ``x``
     (2.5x the time of ``log(sum(exp(x - max)))`` at [1024, 32000]). With every maximum finite the
     plain formulas give the same values, so only a batch with a +-inf or NaN maximum pays for the
-    exact ones. ``plain`` gets the maximum (kept axes) in the compute dtype; both branches live
-    inside the ``lax.cond`` (a plain result computed outside would carry a +inf slice's NaN
-    tangents into reverse mode even when the exact branch is taken).
+    exact ones. The shift (kept axes), ``x - shift`` and the sum are in the compute dtype. Both
+    branches live inside the ``lax.cond`` (a plain result computed outside would carry a +inf
+    slice's NaN tangents into reverse mode even when the exact branch is taken).
     """
+
+    def plain(x: jax.Array, shift: jax.Array) -> Any:
+        shifted = x.astype(shift.dtype) - shift
+        return finish(shift, shifted, global_sum(jnp.exp(shifted), axes, axis_name))
+
     # The maximum in the input dtype (exact): a bf16 upcast first is a float32 copy on CPU. From
     # -inf, not finfo.min: a fully masked slice must take the exact branch.
     shift = _keep(
@@ -140,24 +146,21 @@ def plain_first(exact: Any, plain: Any, x: jax.Array, axes: Axes, axis_name: Any
 def normalize_cpu(x: jax.Array, axes: Axes, axis_name: Any, log: bool) -> jax.Array:
     """:func:`normalize` by :func:`plain_first`."""
 
-    def plain(x: jax.Array, shift: jax.Array) -> jax.Array:
-        shifted = x.astype(shift.dtype) - shift
-        total = global_sum(jnp.exp(shifted), axes, axis_name)
+    def finish(shift: jax.Array, shifted: jax.Array, total: jax.Array) -> jax.Array:
         if log:
             return (shifted - jnp.log(total)).astype(x.dtype)
         return (jnp.exp(shifted) / total).astype(x.dtype)
 
-    return plain_first(lambda x: normalize(x, axes, axis_name, log), plain, x, axes, axis_name)
+    return plain_first(lambda x: normalize(x, axes, axis_name, log), finish, x, axes, axis_name)
 
 
 def logsumexp_cpu(x: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     """:func:`logsumexp` by :func:`plain_first`."""
 
-    def plain(x: jax.Array, shift: jax.Array) -> jax.Array:
-        total = global_sum(jnp.exp(x.astype(shift.dtype) - shift), axes, axis_name)
+    def finish(shift: jax.Array, shifted: jax.Array, total: jax.Array) -> jax.Array:
         return (shift + jnp.log(total)).astype(x.dtype)
 
-    return plain_first(lambda x: logsumexp(x, axes, axis_name), plain, x, axes, axis_name)
+    return plain_first(lambda x: logsumexp(x, axes, axis_name), finish, x, axes, axis_name)
 
 
 # ----------------------------------------------------------------------------------------------
