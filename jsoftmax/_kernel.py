@@ -38,7 +38,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-_OPS = ("softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bwd")
+_OPS = (
+    "softmax_fwd", "log_softmax_fwd", "softmax_bwd", "log_softmax_bwd",
+    # the backward pass from the input x instead of the output (what reverse mode saves)
+    "softmax_bwd_from_input", "log_softmax_bwd_from_input",
+)  # fmt: skip
 TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS)
 # Column kernels take 16 neighbouring slices per vector: fewer than 16 entries after the reduced
 # axes leave lanes idle, and beyond 128 the strided walk is slower than the XLA path

@@ -4,7 +4,9 @@ Three primitives:
 
 * ``normalize_p(x[, where])``: softmax or log_softmax (param ``log``), with an optional mask.
 * ``tangent_p(y, t)``: the Jacobian at output ``y`` applied to ``t``, or its transpose (param
-  ``transposed``). Linear in ``t``; its transpose is itself with ``transposed`` flipped.
+  ``transposed``); with param ``from_input`` the first operand is the input ``x`` instead (the
+  CPU kernels recompute the output row by row). Linear in ``t``; its transpose is itself with
+  ``transposed`` flipped.
 * ``logsumexp_p(x[, where])``: the log-normaliser, with the reduced axes kept.
 
 Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-differentiated
@@ -12,8 +14,8 @@ Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-di
 (reverse mode becomes XLA's transpose of the tangent rule) and gets its primal inlined and
 differentiated under ``lax.scan``'s linearization. With primitives, forward mode is
 ``normalize_p``'s JVP rule (``tangent_p``), reverse mode is ``tangent_p``'s transpose, which saves
-the output ``y`` and nothing else, and every transformation (``vmap``, ``scan``, ``checkpoint``,
-``shard_map``, higher orders) composes the registered rules.
+one array (the output ``y``; on the CPU kernel path the input ``x``), and every transformation
+(``vmap``, ``scan``, ``checkpoint``, ``shard_map``, higher orders) composes the registered rules.
 
 Which implementation runs is decided here, per platform, when lowering: on CPU the hand-written
 kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``); on CUDA the
@@ -53,8 +55,12 @@ def _normalize_formula(x: jax.Array, *where: jax.Array, axes, axis_name, log, ke
     return _formula.normalize(_formula.masked(x, *where), axes, axis_name, log)
 
 
-def _tangent_formula(y, t, *, axes, axis_name, log, masked, kernel, transposed) -> jax.Array:
+def _tangent_formula(
+    y, t, *, axes, axis_name, log, masked, kernel, transposed, from_input
+) -> jax.Array:
     del kernel
+    if from_input:  # the first operand is the input: the output first
+        y = _formula.normalize(y, axes, axis_name, log)
     return _formula.tangent(y, t, axes, axis_name, log, transposed, masked)
 
 
@@ -127,17 +133,17 @@ def _normalize_cpu(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel
     return _kernel.call(_kernel_name(log, backward=False), axes, _formula.masked(x, *where))
 
 
-def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed) -> jax.Array:
+def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed, from_input):
     # The backward kernels compute softmax's map (symmetric) and log_softmax's transposed map.
-    if log and not transposed:
-        return _tangent_formula(
-            y, t, axes=axes, axis_name=axis_name, log=log, masked=masked, kernel=kernel,
-            transposed=transposed,
-        )  # fmt: skip
     t = t.astype(y.dtype)
+    if log and not transposed:  # forward mode: the output, then the formula
+        if from_input:
+            y = _kernel.call(_kernel_name(log, backward=False), axes, y)
+        return _formula.tangent(y, t, axes, axis_name, log, transposed, masked)
     if masked:
         t = jnp.where(y == 0, jnp.zeros((), t.dtype), t)
-    return _kernel.call(_kernel_name(log, backward=True), axes, y, t)
+    name = _kernel_name(log, backward=True) + ("_from_input" if from_input else "")
+    return _kernel.call(name, axes, y, t)
 
 
 def _normalize_cuda(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
@@ -197,7 +203,15 @@ def _normalize_jvp(primals, tangents, **params):
     if type(t) is ad.Zero:
         return y, _zero_like(y)
     masked = len(primals) > 1
-    return y, tangent_p.bind(y, t, masked=masked, transposed=False, **params)
+    # With the CPU kernels the tangent map starts from the input (a kernel recomputes the output
+    # row by row, in cache), so reverse mode saves x, not y: under `jit(vjp)` with only the
+    # gradient used, the forward kernel is dead code and one kernel reads x and g and writes dx.
+    # Masked calls keep the output (their rule reads y == 0).
+    from_input = params["kernel"] and not masked
+    first = primals[0] if from_input else y
+    return y, tangent_p.bind(
+        first, t, masked=masked, transposed=False, from_input=from_input, **params
+    )
 
 
 def _tangent_jvp(primals, tangents, **params):
@@ -208,7 +222,8 @@ def _tangent_jvp(primals, tangents, **params):
     if type(dt) is not ad.Zero:
         parts.append(tangent_p.bind(y, dt, **params))  # linear in t
     if type(dy) is not ad.Zero:
-        # The map's dependence on y (second and higher derivatives): the formula, differentiated.
+        # The map's dependence on y (or x, from_input; second and higher derivatives): the
+        # formula, differentiated.
         parts.append(jax.jvp(lambda out_: _tangent_formula(out_, t, **params), (y,), (dy,))[1])
     if not parts:
         return out, _zero_like(out)
@@ -304,5 +319,5 @@ def vjp_from_output(
     kernel = _kernel.eligible(y, axes, None)
     return tangent_p.bind(
         y, cotangent.astype(y.dtype), axes=axes, axis_name=None, log=log, masked=False,
-        kernel=bool(kernel), transposed=True,
+        kernel=bool(kernel), transposed=True, from_input=False,
     )  # fmt: skip

@@ -28,6 +28,7 @@ from jax.test_util import check_grads
 
 import jsoftmax
 from jsoftmax import _cross_entropy as ce_impl
+from jsoftmax import _kernel
 from jsoftmax import _softmax as impl
 
 ROWS, CLASSES, BATCH = 2, 4, 2
@@ -578,9 +579,11 @@ def test_reverse_mode_saves_one_array(name, masked):
     x = random_logits((3, 8), seed=33)
     where = jnp.arange(8) < 6 if masked else None
     residuals = _residuals(lambda a: fn(a, where=where), x)
-    # softmax / log_softmax: the output; logsumexp: the probabilities, of x's shape.
+    # softmax / log_softmax: the output, or on the CPU kernel path (unmasked) the input itself;
+    # logsumexp: the probabilities, of x's shape.
     assert [tuple(aval.shape) for aval, _ in residuals] == [(3, 8)], residuals
-    assert "argument" not in residuals[0][1]
+    saves_input = name != "logsumexp" and not masked and _kernel.eligible(x, (1,), None)
+    assert ("argument" in residuals[0][1]) == saves_input, residuals
     # The mask as an argument (not differentiated) adds nothing of its own.
     masked_arg = _residuals(lambda a, m: fn(a, where=m), x, jnp.arange(8) < 6)
     saved = [(tuple(aval.shape), why) for aval, why in masked_arg if "argument" not in why]
@@ -659,7 +662,9 @@ def test_reverse_mode_runs_the_cpu_backward_kernel(name, masked, context, monkey
         derivative = jax.jit(KERNEL_CONTEXTS[context](scalar))
         return _kernel_targets(derivative.lower(x).compile().as_text())
 
-    assert f"jsoftmax_{name}_bwd" in compiled_targets("on")
+    # Unmasked calls save the input and start the backward kernel from it; masked ones the output.
+    backward = f"jsoftmax_{name}_bwd" if masked else f"jsoftmax_{name}_bwd_from_input"
+    assert backward in compiled_targets("on")
     # The probe can fail: with the kernels off, no jsoftmax custom call is compiled.
     assert compiled_targets("off") == set()
 
@@ -816,7 +821,8 @@ def test_private_custom_call_probe_detects_the_kernels():
     # the kernels, forward and backward.
     x = random_logits((3, 6), seed=42)
     text = jax.jit(jax.grad(_first_scalar(jsoftmax.softmax))).lower(x).as_text()
-    assert set(_private_custom_calls(text)) == {"jsoftmax_softmax_fwd", "jsoftmax_softmax_bwd"}
+    expected = {"jsoftmax_softmax_fwd", "jsoftmax_softmax_bwd_from_input"}
+    assert set(_private_custom_calls(text)) == expected
 
 
 # --------------------------------------------------------------------------------------------

@@ -153,10 +153,13 @@ struct F32 {
   static void store(T* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
   static float to_float(T v) { return v; }
   static T from_float(float v) { return v; }
+  // Float32 values at or below this one are stored as -inf.
+  static constexpr float kNegOverflow = -kInf;
 };
 
 struct BF16 {
   using T = uint16_t;
+  static constexpr float kNegOverflow = -0x1.ffp+127f;  // halfway past the largest bfloat16
   static vf load(const T* p) {
     vh h;
     std::memcpy(&h, p, sizeof(h));
@@ -192,6 +195,7 @@ struct BF16 {
 
 struct F16 {
   using T = _Float16;
+  static constexpr float kNegOverflow = -65520.0f;  // halfway past the largest float16
   static vf load(const T* p) {
     vhf h;
     std::memcpy(&h, p, sizeof(h));
@@ -420,6 +424,70 @@ void backward_row(const typename S::T* y, const typename S::T* g, typename S::T*
     else
       out = yv * (gv - total);
     store_block<S>(dx + i, out, count);
+  }
+}
+
+// The backward pass from the input x rather than the output (what reverse mode saves on the
+// kernel path: under `jit(vjp)` the forward kernel then does not run at all when only the
+// gradient is used). The row is read from memory once per operand and its passes run from cache:
+// the maximum, the exponentials (into dx, or into `scratch` for 16-bit storage) and their sum,
+// then the backward pass's reduction and output with y = e / sum formed on the fly. Rows with an
+// infinite maximum or a NaN take the forward then the backward row functions, in place, so every
+// rule is the one the two kernels apply. `scratch`: 3n floats for 16-bit storage, else unused.
+template <class S, bool kLog>
+void backward_from_input_row(const typename S::T* x, const typename S::T* g, typename S::T* dx,
+                             int64_t n, float* scratch, const typename S::T* next_x,
+                             const typename S::T* next_g) {
+  constexpr bool kWide = std::is_same_v<typename S::T, float>;
+  float m = 0.0f;
+  if (scan_row<S>(x, n, &m, kWide ? nullptr : scratch) != RowKind::kNormal) {
+    forward_row<S, kLog>(x, dx, n, scratch, nullptr);
+    return backward_row<S, kLog>(dx, g, dx, n, kWide ? nullptr : scratch + n, nullptr, nullptr);
+  }
+  auto prefetch_next = [&](int64_t i) {
+    if (next_x != nullptr) {
+      __builtin_prefetch(next_x + i);
+      __builtin_prefetch(next_g + i);
+    }
+  };
+  // xf: the row in float32; e: its exponentials (softmax), overwriting the 16-bit row's copy.
+  const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
+  if constexpr (kLog) {
+    // dx = g - softmax(x) * sum(g), g counted only where the stored y = (x - m) - log(sum)
+    // would be > -inf, as the output-based pass counts it (x - m or its rounding to 16 bits
+    // overflows to -inf for finite x far below m).
+    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+      prefetch_next(i);
+      return vexp(load_block<F32>(xf + i, count, -kInf) - m);
+    });
+    const float log_sum = float(std::log(sum));
+    const float total = float(blocked_sum(n, [&](int64_t i, int64_t count) {
+      const vf yv = (load_block<F32>(xf + i, count, -kInf) - m) - log_sum;
+      return (yv <= S::kNegOverflow) ? splat(0.0f) : load_block<S>(g + i, count, 0.0f);
+    }));
+    for_blocks<F32>(xf, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+      const vf gv = load_block<S>(g + i, count, 0.0f);
+      const vf yv = (v - m) - log_sum;
+      const vf out = ((yv <= S::kNegOverflow) ? splat(0.0f) : gv) - vexp(yv) * total;
+      store_block<S>(dx + i, out, count);
+    });
+  } else {
+    // dx = y * (g - sum(g * y)), y = e * (1 / sum(e)).
+    float* e = kWide ? reinterpret_cast<float*>(dx) : scratch;
+    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+      prefetch_next(i);
+      const vf ev = vexp(load_block<F32>(xf + i, count, -kInf) - m);
+      store_block<F32>(e + i, ev, count);
+      return ev;
+    });
+    const float inv = float(1.0 / sum);
+    const float total = float(blocked_sum(n, [&](int64_t i, int64_t count) {
+      return load_block<S>(g + i, count, 0.0f) * (load_block<F32>(e + i, count, 0.0f) * inv);
+    }));
+    for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
+      const vf yv = v * inv;
+      store_block<S>(dx + i, yv * (load_block<S>(g + i, count, 0.0f) - total), count);
+    });
   }
 }
 
@@ -673,11 +741,12 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
   });
 }
 
-template <bool kLog, bool kColumns>
+// kFromInput: the first operand is the input x (backward_from_input_row), else the output y.
+template <bool kLog, bool kColumns, bool kFromInput = false>
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
                     ffi::Result<ffi::AnyBuffer> dx) {
   if (y.element_type() != g.element_type())
-    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: output and cotangent dtypes differ");
+    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: the operand and cotangent dtypes differ");
   const Layout l = layout_of(y, kColumns);
   if (l.units == 0) return ffi::Error::Success();
   return with_storage(y.element_type(), [&](auto storage) {
@@ -688,12 +757,23 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
     T* dp = reinterpret_cast<T*>(dx->untyped_data());
     advise_huge_pages(dp, dx->size_bytes());
     parallel_rows(pool, l.units, l.unit_size, [&](int64_t u0, int64_t u1) {
-      std::vector<float> scratch(kLog && !kColumns && !std::is_same_v<T, float> ? 2 * l.n : 0);
+      constexpr bool kNarrow = !kColumns && !std::is_same_v<T, float>;
+      std::vector<float> scratch(kNarrow && (kLog || kFromInput) ? (kFromInput ? 3 : 2) * l.n : 0);
       for (int64_t u = u0; u < u1; ++u) {
         if constexpr (kColumns) {
           int64_t offset;
           const ColumnGroup c = l.group(u, &offset);
-          backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, c);
+          if constexpr (kFromInput) {  // in place: the forward pass into dx, then dx as y
+            forward_columns<S, kLog>(yp + offset, dp + offset, c);
+            backward_columns<S, kLog>(dp + offset, gp + offset, dp + offset, c);
+          } else {
+            backward_columns<S, kLog>(yp + offset, gp + offset, dp + offset, c);
+          }
+        } else if constexpr (kFromInput) {
+          const bool more = u + 1 < u1;
+          backward_from_input_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n,
+                                           scratch.data(), more ? yp + (u + 1) * l.n : nullptr,
+                                           more ? gp + (u + 1) * l.n : nullptr);
         } else {
           const bool more = u + 1 < u1;
           backward_row<S, kLog>(yp + u * l.n, gp + u * l.n, dp + u * l.n, l.n, scratch.data(),
@@ -763,6 +843,11 @@ constexpr auto softmax_fwd_columns = Forward<false, true>;
 constexpr auto log_softmax_fwd_columns = Forward<true, true>;
 constexpr auto softmax_bwd_columns = Backward<false, true>;
 constexpr auto log_softmax_bwd_columns = Backward<true, true>;
+// The backward pass from the input (first operand x), rows and columns.
+constexpr auto softmax_bwd_from_input = Backward<false, false, true>;
+constexpr auto log_softmax_bwd_from_input = Backward<true, false, true>;
+constexpr auto softmax_bwd_from_input_columns = Backward<false, true, true>;
+constexpr auto log_softmax_bwd_from_input_columns = Backward<true, true, true>;
 }  // namespace
 
 JSOFTMAX_FORWARD(jsoftmax_softmax_fwd, softmax_fwd);
@@ -773,3 +858,8 @@ JSOFTMAX_FORWARD(jsoftmax_softmax_fwd_columns, softmax_fwd_columns);
 JSOFTMAX_FORWARD(jsoftmax_log_softmax_fwd_columns, log_softmax_fwd_columns);
 JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd_columns, softmax_bwd_columns);
 JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_columns, log_softmax_bwd_columns);
+JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd_from_input, softmax_bwd_from_input);
+JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_from_input, log_softmax_bwd_from_input);
+JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd_from_input_columns, softmax_bwd_from_input_columns);
+JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_from_input_columns,
+                  log_softmax_bwd_from_input_columns);
