@@ -1,9 +1,13 @@
 """The one measuring loop: every contender of a group is sampled in turn, round after round.
 
-On a shared machine the load changes by the second; sampling round-robin (the first contender
-rotates each round) exposes every contender to the same conditions, and the 20th and 80th
-percentiles say how much the conditions moved. The first call (tracing, compiling, first touch)
-is timed apart; warm-up calls take every input of the rotation pool through once.
+On a shared machine the load changes by the second; sampling round-robin, every contender once
+per round in an order drawn afresh each round (seeded), exposes every contender to the same
+conditions, and the 20th and 80th percentiles say how much the conditions moved. The order is
+shuffled, not rotated: a contender leaves effects behind for whichever runs next (torch's OpenMP
+threads keep spinning on the cores after a call returns), and a rotation keeps the same
+neighbours in every round, so the contender after torch would always pay for it. The first call
+(tracing, compiling, first touch) is timed apart; warm-up calls take every input of the rotation
+pool through once.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ def measure(
     sample_s: float = 0.004,
     keep_samples: bool = False,
 ) -> list[dict[str, Any]]:
-    """Times the runners round-robin; one row per runner, in order.
+    """Times the runners round-robin, shuffled each round; one row per runner, in order.
 
     Args:
       runners: prepared runners, or ``(name, error)`` for one that could not be prepared.
@@ -132,9 +136,10 @@ def measure(
     gc_enabled = gc.isenabled()
     gc.disable()  # a collection inside a sample would be charged to whichever runner it hit
     try:
-        for index in range(count):
-            shift = index % max(len(live), 1)
-            for runner, inner, samples in live[shift:] + live[:shift]:
+        shuffle = np.random.default_rng(0)  # the same orders in every run
+        for _ in range(count):
+            for position in shuffle.permutation(len(live)):
+                runner, inner, samples = live[position]
                 if rows[runner.name].get("error"):
                     continue
                 try:

@@ -313,9 +313,23 @@ def test_measure_interleaves_rounds_and_turns_failures_into_rows():
         and rows[2]["error"] == "RuntimeError: out of memory"
     )
     assert rows[0]["rounds"] == rows[3]["rounds"] == 4
-    # After the warm-up the rounds alternate and the first runner rotates.
+    # After the warm-up, every round runs each live runner once, in orders that vary.
     order = [call for call in calls if call != "late"]
-    assert order[-8:] == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    rounds = [tuple(order[i : i + 2]) for i in range(len(order) - 8, len(order), 2)]
+    assert all(sorted(pair) == ["a", "b"] for pair in rounds), rounds
+
+
+def test_measure_gives_every_runner_every_predecessor():
+    # A contender that leaves work behind (spinning threads) must not always precede the same
+    # one: over the rounds each runner follows each of the others.
+    calls: list[str] = []
+    names = "abcd"
+    runners = [_measure.Runner(n, lambda n=n: calls.append(n)) for n in names]
+    _measure.measure(runners, budget_s=0.0, rounds=(40, 40), sample_s=0.0)
+    timed = calls[-160:]
+    assert all(sorted(timed[i : i + 4]) == list(names) for i in range(0, 160, 4))
+    pairs = {(timed[i - 1], timed[i]) for i in range(1, 160)}
+    assert {(p, n) for p in names for n in names if p != n} <= pairs
 
 
 def test_plans_fit_the_device_and_the_mode():
