@@ -280,6 +280,36 @@ inline double blocked_sum(int64_t n, F&& term) {
   return hsum(wide);
 }
 
+// Two sums at once, blocked as blocked_sum: term(i, count, &a, &b) returns the block's two terms.
+template <class F>
+inline void blocked_sum2(int64_t n, double* first, double* second, F&& term) {
+  vd wide_a = vd{}, wide_b = vd{};
+  for (int64_t start = 0; start < n; start += kBlockEntries) {
+    const int64_t end = std::min(n, start + kBlockEntries);
+    vf a0 = vf{}, a1 = vf{}, b0 = vf{}, b1 = vf{};
+    int64_t i = start;
+    for (; i + 2 * kLanes <= end; i += 2 * kLanes) {
+      vf ta, tb;
+      term(i, int64_t(kLanes), &ta, &tb);
+      a0 += ta;
+      b0 += tb;
+      term(i + kLanes, int64_t(kLanes), &ta, &tb);
+      a1 += ta;
+      b1 += tb;
+    }
+    for (; i < end; i += kLanes) {
+      vf ta, tb;
+      term(i, std::min<int64_t>(kLanes, end - i), &ta, &tb);
+      a0 += ta;
+      b0 += tb;
+    }
+    wide_a += widen(a0 + a1);
+    wide_b += widen(b0 + b1);
+  }
+  *first = hsum(wide_a);
+  *second = hsum(wide_b);
+}
+
 enum class RowKind { kNormal, kNaN, kEmpty, kPosInf };
 
 template <class S>
@@ -472,18 +502,18 @@ void backward_from_input_row(const typename S::T* x, const typename S::T* g, typ
       store_block<S>(dx + i, out, count);
     });
   } else {
-    // dx = y * (g - sum(g * y)), y = e * (1 / sum(e)).
+    // dx = y * (g - sum(g * y)), y = e * (1 / sum(e)): sum(e) and sum(g * e) in one pass.
     float* e = kWide ? reinterpret_cast<float*>(dx) : scratch;
-    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+    double sum = 0.0, dot = 0.0;
+    blocked_sum2(n, &sum, &dot, [&](int64_t i, int64_t count, vf* ev_out, vf* ge_out) {
       prefetch_next(i);
       const vf ev = vexp(load_block<F32>(xf + i, count, -kInf) - m);
       store_block<F32>(e + i, ev, count);
-      return ev;
+      *ev_out = ev;
+      *ge_out = load_block<S>(g + i, count, 0.0f) * ev;
     });
     const float inv = float(1.0 / sum);
-    const float total = float(blocked_sum(n, [&](int64_t i, int64_t count) {
-      return load_block<S>(g + i, count, 0.0f) * (load_block<F32>(e + i, count, 0.0f) * inv);
-    }));
+    const float total = float(dot / sum);
     for_blocks<F32>(e, n, 0.0f, [&](vf v, int64_t i, int64_t count) {
       const vf yv = v * inv;
       store_block<S>(dx + i, yv * (load_block<S>(g + i, count, 0.0f) - total), count);
@@ -746,7 +776,8 @@ template <bool kLog, bool kColumns, bool kFromInput = false>
 ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
                     ffi::Result<ffi::AnyBuffer> dx) {
   if (y.element_type() != g.element_type())
-    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: the operand and cotangent dtypes differ");
+    return ffi::Error::InvalidArgument(
+        "jsoftmax CPU kernel: the operand and cotangent dtypes differ");
   const Layout l = layout_of(y, kColumns);
   if (l.units == 0) return ffi::Error::Success();
   return with_storage(y.element_type(), [&](auto storage) {
