@@ -206,8 +206,10 @@ def _normalize_jvp(primals, tangents, **params):
     # With the CPU kernels the tangent map starts from the input (a kernel recomputes the output
     # row by row, in cache), so reverse mode saves x, not y: under `jit(vjp)` with only the
     # gradient used, the forward kernel is dead code and one kernel reads x and g and writes dx.
-    # Masked calls keep the output (their rule reads y == 0).
-    from_input = params["kernel"] and not masked
+    # Masked calls keep the output (their rule reads y == 0). Only where the computation runs on
+    # CPU: `kernel` is also set on a GPU host (it has one CPU device), whose lowering takes the
+    # formulas, and there saving x would only add a recomputation of y.
+    from_input = params["kernel"] and not masked and jax.default_backend() == "cpu"
     first = primals[0] if from_input else y
     return y, tangent_p.bind(
         first, t, masked=masked, transposed=False, from_input=from_input, **params

@@ -593,6 +593,23 @@ def test_reverse_mode_saves_one_array(name, masked):
     assert [tuple(aval.shape) for aval, _ in batched] == [(2, 3, 8)], batched
 
 
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_reverse_mode_saves_the_output_where_the_default_backend_is_not_cpu(name, monkeypatch):
+    # On a GPU host the kernels are eligible (it has one CPU device) but its lowering takes the
+    # formulas: saving x there would only add a recomputation of y. (Shapes of their own: traces
+    # of the jitted functions are cached per shape, not per backend.)
+    monkeypatch.setenv("JSOFTMAX_CPU_KERNEL", "on")
+    fn = getattr(jsoftmax, name)
+    cpu_x = random_logits((5, 23), seed=77)
+    assert _kernel.eligible(cpu_x, (1,), None)
+    on_cpu = _residuals(fn, cpu_x)
+    assert len(on_cpu) == 1 and "argument" in on_cpu[0][1], on_cpu  # the probe can fail
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    residuals = _residuals(fn, random_logits((5, 29), seed=78))
+    assert [tuple(aval.shape) for aval, _ in residuals] == [(5, 29)], residuals
+    assert "argument" not in residuals[0][1], residuals
+
+
 @pytest.mark.parametrize("targets", ["labels", "probabilities"])
 def test_cross_entropy_reverse_mode_saves_no_logits_sized_array_of_its_own(targets):
     x = random_logits((3, 8), seed=34)
