@@ -17,6 +17,13 @@ target is a comparison with a class iota, never materialised. The label's logit 
 element per row) or, where the class axis is split across devices, a masked sum finished by a
 per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
 NamedSharding, or across ``axis_name`` inside ``shard_map``) with per-row all-reduces only.
+
+On CPU, for integer labels without label smoothing along the last axis (``_label_kernels``), two
+kernels do the logits-sized work: the row statistics (``_primitives.label_statistics``, one read
+of the logits) and, in reverse mode, the gradient times the per-row cotangent (the transpose of
+``_primitives.label_tangent``, one read and one write). The tangent map is a primitive there
+because a kernel computing the gradient alone would leave XLA's transpose of the contraction, a
+multiply by the cotangent, as another pass over the logits.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _formula
+from . import _formula, _kernel, _primitives
 from ._formula import compute_dtype, global_sum
 from ._reductions import axis_size
 from ._validation import check_ignore_index, check_input, is_arraylike
@@ -115,7 +122,7 @@ def _row_statistics(
         return global_sum(terms, axes, axis_name)
 
     def finish(shift: jax.Array, shifted: jax.Array, total: jax.Array) -> tuple[Any, ...]:
-        return shift, _log_of_sum(total), spread(shifted)
+        return shift, _formula.log_of_sum(total), spread(shifted)
 
     def exact(logits: jax.Array) -> tuple[Any, ...]:
         shift, shifted = _formula.shifted_input(logits, axes, axis_name)
@@ -127,18 +134,18 @@ def _row_statistics(
     return lax.platform_dependent(logits, cpu=cpu, default=exact)
 
 
-@jax.custom_jvp
-def _log_of_sum(total: jax.Array) -> jax.Array:
-    """``log(total)`` for a row's sum of exponentials: at least 1, or the floor of a fully masked
-    row, where the total and its tangent are 0 but differentiating ``t / total`` again would meet
-    ``1 / tiny**2 = inf`` and give ``0 * inf = NaN`` at second and higher order."""
-    return jnp.log(total)
-
-
-@_log_of_sum.defjvp
-def _log_of_sum_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]):
-    (total,), (tangent,) = primals, tangents
-    return jnp.log(total), tangent / jnp.where(total < 1, 1, total)
+def _label_kernels(logits: jax.Array, axis: int, axis_name: Any, smoothing: float) -> bool:
+    """Whether the CPU kernels compute the loss's row statistics and its backward pass: integer
+    labels without label smoothing, classes along the last axis, where the softmax kernels
+    apply (``_kernel.eligible``) and the computation runs on CPU (a GPU host also has one CPU
+    device; its lowering would take the formulas, in a form XLA fuses worse than this module's).
+    """
+    return (
+        smoothing == 0
+        and axis == logits.ndim - 1
+        and jax.default_backend() == "cpu"
+        and _kernel.eligible(logits, (axis,), axis_name)
+    )
 
 
 def _split_explicitly(x: jax.Array, axis: int) -> bool:
@@ -213,7 +220,11 @@ def _labels_fwd(
     spread_weight = None
     if smoothing > 0:
         spread_weight = 1 if weight is None else _local_weight(weight, x, axis, axis_name)
-    shift, log_normalizer, spread = _row_statistics(logits, axes, axis_name, spread_weight)
+    if _label_kernels(logits, axis, axis_name, smoothing):
+        stats = _primitives.label_statistics(logits, kernel=True)
+        shift, log_normalizer, spread = stats[..., :1], stats[..., 1:], None
+    else:
+        shift, log_normalizer, spread = _row_statistics(logits, axes, axis_name, spread_weight)
     loss = jnp.zeros(log_normalizer.shape, compute)
     if smoothing < 1:
         label_logit = _label_logit(x, labels, num_classes, axis, axis_name)
@@ -298,6 +309,20 @@ def _labels_loss_jvp(
 ) -> tuple[jax.Array, jax.Array]:
     logits, labels, weight = primals
     loss, residuals = _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)
+    if _label_kernels(logits, axis, axis_name, smoothing):
+        # The tangent map as a primitive whose transpose is the CPU kernel's backward pass: it
+        # takes the per-row cotangent, so reverse mode writes the gradient in one pass (XLA's
+        # transpose of the contraction would multiply a kernel's output by it in another).
+        shift, log_normalizer = residuals[3], residuals[4]
+        stats = jnp.concatenate((shift, log_normalizer), axis=-1)
+        num_classes = _num_classes(logits.shape[axis], axis_name)
+        valid, out_of_range, label_weight = _label_weights(
+            labels, weight, ignore_index, num_classes
+        )
+        code = jnp.where(out_of_range, -2, jnp.where(valid, labels, -1)).astype(jnp.int32)
+        scale = label_weight.astype(loss.dtype)  # the label's mass, 0 for ignored rows
+        tangent = _primitives.label_tangent(logits, stats, scale, code, tangents[0], kernel=True)
+        return loss, tangent
 
     def linear(residuals: tuple[Any, ...], logits_tangent: jax.Array) -> jax.Array:
         ones = jnp.ones(loss.shape, loss.dtype)
@@ -419,7 +444,8 @@ def _safe_divide(total: jax.Array, denominator: jax.Array) -> jax.Array:
 @partial(
     jax.jit,
     static_argnames=(
-        "axis", "ignore_index", "label_smoothing", "reduction", "axis_name", "dtype", "class_axes"
+        "axis", "ignore_index", "label_smoothing", "reduction", "axis_name", "dtype", "class_axes",
+        "kernel_mode",
     ),
 )  # fmt: skip
 def _cross_entropy_jit(
@@ -435,7 +461,11 @@ def _cross_entropy_jit(
     reduction: str,
     axis_name: Any,
     dtype: Any,
+    kernel_mode: str = "auto",
 ) -> jax.Array:
+    # kernel_mode (JSOFTMAX_CPU_KERNEL) is read by _kernel.eligible while tracing; as a static
+    # argument it gives each mode its own compilation.
+    del kernel_mode
     logits = logits.astype(dtype)
     compute = compute_dtype(dtype)
     probabilities = jnp.issubdtype(labels.dtype, jnp.floating)
@@ -723,4 +753,5 @@ def cross_entropy(
         reduction=reduction,
         axis_name=axis_name,
         dtype=out_dtype,
+        kernel_mode=_kernel.mode(),
     )

@@ -91,6 +91,20 @@ def exp_sum(shifted: jax.Array, axes: Axes, axis_name: Any) -> jax.Array:
     return total if axis_name is None else lax.psum(total, axis_name)
 
 
+@jax.custom_jvp
+def log_of_sum(total: jax.Array) -> jax.Array:
+    """``log(total)`` for a slice's sum of exponentials: at least 1, or the floor of a fully
+    masked slice, where the total and its tangent are 0 but differentiating ``t / total`` again
+    would meet ``1 / tiny**2 = inf`` and give ``0 * inf = NaN`` at second and higher order."""
+    return jnp.log(total)
+
+
+@log_of_sum.defjvp
+def _log_of_sum_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]):
+    (total,), (tangent,) = primals, tangents
+    return jnp.log(total), tangent / jnp.where(total < 1, 1, total)
+
+
 def masked(x: jax.Array, where: jax.Array | None = None) -> jax.Array:
     """``x`` with the entries ``where`` excludes set to -inf."""
     return x if where is None else jnp.where(where, x, jnp.array(-jnp.inf, x.dtype))
@@ -212,3 +226,32 @@ def scaled_logsumexp(
     safe = jnp.where(magnitude == 0, 1, magnitude)
     value = jnp.where(magnitude == 0, -jnp.inf, shift + jnp.log(safe))
     return value.astype(x.dtype), jnp.sign(total).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# cross_entropy with integer labels over the last axis (the CPU kernels' operands; the
+# cross-entropy module builds its general case from the same rules)
+
+
+def label_statistics(x: jax.Array) -> jax.Array:
+    """``[..., 2]``: each row's ``(shift, log_normalizer)`` in the compute dtype, the rules above
+    (shift = the row maximum, ``log_normalizer = log(sum(exp(x - shift)))``)."""
+    axes = (x.ndim - 1,)
+    shift, shifted = shifted_input(x, axes, None)
+    return jnp.concatenate((shift, log_of_sum(exp_sum(shifted, axes, None))), axis=-1)
+
+
+def label_gradient(x: jax.Array, stats: jax.Array, scale: jax.Array, code: jax.Array) -> jax.Array:
+    """``scale * (softmax(x) - onehot(code))`` per row from the row statistics, in the compute
+    dtype: 0 at -inf logits (masked classes are constants); ``code`` -1 marks an ignored row
+    (all 0, even at NaN logits), -2 a label out of range (all NaN)."""
+    compute = compute_dtype(x.dtype)
+    shift, log_normalizer = stats[..., :1], stats[..., 1:]
+    probs = jnp.exp(subtract_shift(x, shift) - log_normalizer)
+    code = code[..., None]
+    row_scale = scale.astype(compute)[..., None]
+    is_label = lax.broadcasted_iota(code.dtype, x.shape, x.ndim - 1) == code
+    grad = row_scale * probs - jnp.where(is_label, row_scale, 0)
+    grad = jnp.where(x == -jnp.inf, 0, grad)
+    grad = jnp.where(code == -1, 0, grad)
+    return jnp.where(code == -2, jnp.nan, grad)

@@ -6,7 +6,9 @@ They are called through ``jax.ffi`` and only where the result is the same as the
 tests check both against each other): on CPU, float32 / bfloat16 / float16, reduction over one
 contiguous block of axes (trailing, or followed by 16 to 128 entries; a ``where`` mask is applied
 by XLA first), no ``axis_name``, and on an explicitly sharded array only with the reduced axes
-and those after them unsharded. ``_primitives.py`` decides, when lowering for CPU.
+and those after them unsharded. ``_primitives.py`` decides, when lowering for CPU. cross_entropy
+with integer labels has two row kernels of its own (``CROSS_ENTROPY_TARGETS``, called by
+:func:`call_rows`), under the same conditions with the classes along the last axis.
 
 Building the package (``pip install``, ``pip wheel``; CMakeLists.txt) compiles one library per
 instruction set into ``_cpu/`` with a ``manifest.json`` of their sizes and SHA-256 digests. At
@@ -43,7 +45,10 @@ _OPS = (
     # the backward pass from the input x instead of the output (what reverse mode saves)
     "softmax_bwd_from_input", "log_softmax_bwd_from_input",
 )  # fmt: skip
-TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS)
+# cross_entropy over rows (integer labels): the per-row statistics, and the gradient times the
+# cotangent (_primitives.py, ce_stats_p and ce_tangent_p).
+CROSS_ENTROPY_TARGETS = ("cross_entropy_stats", "cross_entropy_bwd")
+TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS) + CROSS_ENTROPY_TARGETS
 # Column kernels take 16 neighbouring slices per vector: fewer than 16 entries after the reduced
 # axes leave lanes idle, and beyond 128 the strided walk is slower than the XLA path
 # (benchmarks/NOTES.md).
@@ -286,6 +291,12 @@ def call(name: str, axes: tuple[int, ...], *operands: jax.Array) -> jax.Array:
         *flat
     )
     return result.reshape(first.shape)
+
+
+def call_rows(name: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+    """Kernel ``name`` over the rows of the first operand (its last axis); the other operands
+    hold one value (or a trailing pair) per row. The leading axes stay as they are."""
+    return jax.ffi.ffi_call(f"jsoftmax_{name}", result, vmap_method="broadcast_all")(*operands)
 
 
 _load()

@@ -9,6 +9,15 @@ Three primitives:
   ``transposed`` flipped.
 * ``logsumexp_p(x[, where])``: the log-normaliser, with the reduced axes kept.
 
+And two for cross_entropy with integer labels over the last axis, so that its CPU kernels compute
+both directions:
+
+* ``label_stats_p(x)``: each row's ``(shift, log_normalizer)``, ``[..., 2]``.
+* ``label_tangent_p(x, stats, scale, code, t)``: the loss's tangent map, per row
+  ``sum_c G_c t_c`` with ``G = scale * (softmax(x) - onehot(code))``; linear in ``t``, and its
+  transpose (param ``transposed``) is ``G * t`` for a per-row ``t``, the backward pass, which the
+  CPU kernel computes in one pass over the saved logits.
+
 Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-differentiated
 (``jvp``, ``jacfwd``, ``hessian``), and a ``jax.custom_jvp`` loses the hand-written backward pass
 (reverse mode becomes XLA's transpose of the tangent rule) and gets its primal inlined and
@@ -44,6 +53,8 @@ from . import _formula, _kernel
 normalize_p = Primitive("jsoftmax_normalize")
 tangent_p = Primitive("jsoftmax_tangent")
 logsumexp_p = Primitive("jsoftmax_logsumexp")
+label_stats_p = Primitive("jsoftmax_label_stats")
+label_tangent_p = Primitive("jsoftmax_label_tangent")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -120,6 +131,52 @@ def _logsumexp_abstract(x: Any, *where: Any, axes, axis_name) -> Any:
 logsumexp_p.def_abstract_eval(_logsumexp_abstract)
 
 
+def _label_stats_formula(x: jax.Array, *, kernel: bool) -> jax.Array:
+    del kernel
+    return _formula.label_statistics(x)
+
+
+def _label_tangent_formula(x, stats, scale, code, t, *, transposed, kernel) -> jax.Array:
+    del kernel
+    if transposed:  # t per row: the gradient scaled by it
+        return _formula.label_gradient(x, stats, scale * t, code).astype(x.dtype)
+    gradient = _formula.label_gradient(x, stats, scale, code)
+    return jnp.sum(gradient * t.astype(gradient.dtype), axis=-1)
+
+
+label_stats_p.def_impl(_impl(_label_stats_formula))
+label_tangent_p.def_impl(_impl(_label_tangent_formula))
+
+
+def _rows_aval(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    """``like``'s abstract value (its varying mesh axes, its sharding of the leading axes) with
+    a new last axis, or none: the class axis is never sharded where these primitives apply."""
+    changes: dict[str, Any] = {"shape": shape, "dtype": dtype}
+    sharding: Any = getattr(like, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if sharding is not None and spec is not None:
+        entries = tuple(spec) + (None,) * (len(like.shape) - len(spec))
+        entries = entries[: len(like.shape) - 1] + (None,) * (len(shape) - len(like.shape) + 1)
+        changes["sharding"] = sharding.update(spec=type(spec)(*entries))
+    return like.update(**changes)
+
+
+def _label_stats_abstract(x: Any, *, kernel: bool) -> Any:
+    del kernel
+    return _rows_aval(x, (*x.shape[:-1], 2), _formula.compute_dtype(x.dtype))
+
+
+def _label_tangent_abstract(x, stats, scale, code, t, *, transposed, kernel) -> Any:
+    del stats, scale, code, kernel
+    if transposed:  # the logits' cotangent
+        return _rows_aval(x, x.shape, x.dtype)
+    return _rows_aval(t, x.shape[:-1], _formula.compute_dtype(x.dtype))
+
+
+label_stats_p.def_abstract_eval(_label_stats_abstract)
+label_tangent_p.def_abstract_eval(_label_tangent_abstract)
+
+
 # ----------------------------------------------------------------------------------------------
 # lowering: the one dispatch point between the CPU kernels and the formulas
 
@@ -144,6 +201,24 @@ def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed, from
         t = jnp.where(y == 0, jnp.zeros((), t.dtype), t)
     name = _kernel_name(log, backward=True) + ("_from_input" if from_input else "")
     return _kernel.call(name, axes, y, t)
+
+
+def _label_stats_cpu(x: jax.Array, *, kernel: bool) -> jax.Array:
+    del kernel
+    result = jax.ShapeDtypeStruct((*x.shape[:-1], 2), jnp.float32)
+    return _kernel.call_rows("cross_entropy_stats", result, x)
+
+
+def _label_tangent_cpu(x, stats, scale, code, t, *, transposed, kernel) -> jax.Array:
+    if not transposed:  # forward mode: the formula
+        return _label_tangent_formula(
+            x, stats, scale, code, t, transposed=transposed, kernel=kernel
+        )
+    row_scale = (scale * t).astype(jnp.float32)
+    result = jax.ShapeDtypeStruct(x.shape, x.dtype)
+    return _kernel.call_rows(
+        "cross_entropy_bwd", result, x, stats, row_scale, code.astype(jnp.int32)
+    )
 
 
 def _normalize_cuda(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
@@ -177,6 +252,8 @@ for _primitive, _formula_fn in (
     (normalize_p, _normalize_formula),
     (tangent_p, _tangent_formula),
     (logsumexp_p, _logsumexp_formula),
+    (label_stats_p, _label_stats_formula),
+    (label_tangent_p, _label_tangent_formula),
 ):
     mlir.register_lowering(_primitive, _lowering(_formula_fn))
 # CPU: the kernels where the bind-time check allowed them (never under export); otherwise the
@@ -186,6 +263,12 @@ mlir.register_lowering(
 )
 mlir.register_lowering(tangent_p, _lowering(_tangent_formula, _tangent_cpu, cpu=True), "cpu")
 mlir.register_lowering(logsumexp_p, _lowering(_logsumexp_cpu), "cpu")
+mlir.register_lowering(
+    label_stats_p, _lowering(_label_stats_formula, _label_stats_cpu, cpu=True), "cpu"
+)
+mlir.register_lowering(
+    label_tangent_p, _lowering(_label_tangent_formula, _label_tangent_cpu, cpu=True), "cpu"
+)
 mlir.register_lowering(normalize_p, _lowering(_normalize_formula, _normalize_cuda), "cuda")
 
 
@@ -248,7 +331,37 @@ def _logsumexp_jvp(primals, tangents, *, axes, axis_name):
     return out, _formula.global_sum(product, axes, axis_name).astype(out.dtype)
 
 
+def _label_stats_jvp(primals, tangents, *, kernel):
+    (x,), (t,) = primals, tangents
+    out = label_stats_p.bind(x, kernel=kernel)
+    if type(t) is ad.Zero:
+        return out, _zero_like(out)
+    return out, jax.jvp(_formula.label_statistics, (x,), (t,))[1]
+
+
+def _label_tangent_jvp(primals, tangents, **params):
+    x, stats, scale, code, t = primals
+    dx, dstats, dscale, _, dt = tangents
+    out = label_tangent_p.bind(*primals, **params)
+    parts = []
+    if type(dt) is not ad.Zero:
+        parts.append(label_tangent_p.bind(x, stats, scale, code, dt, **params))  # linear in t
+    if any(type(d) is not ad.Zero for d in (dx, dstats, dscale)):
+        # The map's dependence on the logits, the statistics and the scale (second and higher
+        # derivatives): the formula, differentiated.
+        def of_operands(x_, stats_, scale_):
+            return _label_tangent_formula(x_, stats_, scale_, code, t, **params)
+
+        dense = [ad.instantiate_zeros(d) for d in (dx, dstats, dscale)]
+        parts.append(jax.jvp(of_operands, (x, stats, scale), tuple(dense))[1])
+    if not parts:
+        return out, _zero_like(out)
+    return out, sum(parts[1:], parts[0])
+
+
 ad.primitive_jvps[normalize_p] = _normalize_jvp
+ad.primitive_jvps[label_stats_p] = _label_stats_jvp
+ad.primitive_jvps[label_tangent_p] = _label_tangent_jvp
 ad.primitive_jvps[tangent_p] = _tangent_jvp
 ad.primitive_jvps[logsumexp_p] = _logsumexp_jvp
 
@@ -268,6 +381,20 @@ def _tangent_transpose(cotangent, y, t, *, transposed, **params):
 ad.primitive_transposes[tangent_p] = _tangent_transpose
 
 
+def _label_tangent_transpose(cotangent, x, stats, scale, code, t, *, transposed, kernel):
+    if any(ad.is_undefined_primal(a) for a in (x, stats, scale, code)):
+        raise NotImplementedError("jsoftmax: the label tangent map is linear in its tangent only")
+    if type(cotangent) is ad.Zero:
+        return [None, None, None, None, ad.Zero(t.aval)]
+    back = label_tangent_p.bind(
+        x, stats, scale, code, cotangent, transposed=not transposed, kernel=kernel
+    )
+    return [None, None, None, None, back]
+
+
+ad.primitive_transposes[label_tangent_p] = _label_tangent_transpose
+
+
 # ----------------------------------------------------------------------------------------------
 # vmap: the batch dimension goes first; the reduced axes move up by one
 
@@ -281,6 +408,18 @@ def _batch(primitive: Primitive, args, dims, *, axes, **params):
 
 for _primitive in (normalize_p, tangent_p, logsumexp_p):
     batching.primitive_batchers[_primitive] = partial(_batch, _primitive)
+
+
+def _batch_rows(primitive: Primitive, args, dims, **params):
+    """The label primitives work on rows (the last axis) under any leading axes: the batch
+    dimension goes first."""
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+    moved = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
+    return primitive.bind(*moved, **params), 0
+
+
+for _primitive in (label_stats_p, label_tangent_p):
+    batching.primitive_batchers[_primitive] = partial(_batch_rows, _primitive)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,3 +462,17 @@ def vjp_from_output(
         y, cotangent.astype(y.dtype), axes=axes, axis_name=None, log=log, masked=False,
         kernel=bool(kernel), transposed=True, from_input=False,
     )  # fmt: skip
+
+
+def label_statistics(x: jax.Array, *, kernel: bool) -> jax.Array:
+    """cross_entropy's row statistics ``[..., 2]`` (``_formula.label_statistics``); the CPU
+    kernel where ``kernel`` (the caller checked ``_kernel.eligible``)."""
+    return label_stats_p.bind(x, kernel=kernel)
+
+
+def label_tangent(
+    x: jax.Array, stats: jax.Array, scale: jax.Array, code: jax.Array, t: jax.Array, *, kernel: bool
+) -> jax.Array:
+    """cross_entropy's tangent map (per row ``sum_c G_c t_c``); reverse mode transposes it into
+    the CPU kernel's backward pass where ``kernel``."""
+    return label_tangent_p.bind(x, stats, scale, code, t, transposed=False, kernel=kernel)

@@ -99,27 +99,28 @@ def _normalizer_case(name: str, masked: bool) -> Case:
     )
 
 
-def _smoothed_labels_ref(x, aux):
+def _smoothed_labels_ref(x, aux, smoothing=SMOOTHING):
     """torch's weighted, label-smoothed mean cross-entropy, written with jax.nn.log_softmax."""
     labels, weight = aux
     one_hot = jax.nn.one_hot(labels, CLASSES, dtype=x.dtype)
     label_weight = weight[labels].astype(x.dtype)
-    target = (1 - SMOOTHING) * one_hot * label_weight[:, None] + SMOOTHING / CLASSES * weight
+    target = (1 - smoothing) * one_hot * label_weight[:, None] + smoothing / CLASSES * weight
     loss = -jnp.sum(target * jax.nn.log_softmax(x, axis=-1), axis=-1)
     return jnp.sum(loss) / jnp.sum(label_weight)
 
 
-def _labels_case() -> Case:
+def _labels_case(smoothing: float) -> Case:
+    # Without smoothing, cross_entropy takes its own primitives (on CPU, its kernels).
     def fn(x, aux, axis_name=None):
         labels, weight = aux
         return jsoftmax.cross_entropy(
-            x, labels, weight=weight, label_smoothing=SMOOTHING, axis_name=axis_name
+            x, labels, weight=weight, label_smoothing=smoothing, axis_name=axis_name
         )
 
     return Case(
-        name="cross_entropy-labels",
+        name="cross_entropy-labels" + ("" if smoothing else "-unsmoothed"),
         fn=fn,
-        ref=_smoothed_labels_ref,
+        ref=partial(_smoothed_labels_ref, smoothing=smoothing),
         aux=(_LABELS, _WEIGHT),
         aux_specs=(P(), P()),
         out_spec=P(),
@@ -152,7 +153,8 @@ CASES = {
     case.name: case
     for case in (
         *(_normalizer_case(n, m) for n in ("softmax", "log_softmax", "logsumexp") for m in (0, 1)),
-        _labels_case(),
+        _labels_case(SMOOTHING),
+        _labels_case(0.0),
         _probs_case(),
     )
 }
@@ -610,17 +612,19 @@ def test_reverse_mode_saves_the_output_where_the_default_backend_is_not_cpu(name
     assert "argument" not in residuals[0][1], residuals
 
 
-@pytest.mark.parametrize("targets", ["labels", "probabilities"])
+@pytest.mark.parametrize("targets", ["labels", "labels-unsmoothed", "probabilities"])
 def test_cross_entropy_reverse_mode_saves_no_logits_sized_array_of_its_own(targets):
+    # "labels-unsmoothed": cross_entropy's own primitives (on CPU, its kernels).
     x = random_logits((3, 8), seed=34)
     labels = (
         jnp.array([1, 7, 0])
-        if targets == "labels"
+        if targets.startswith("labels")
         else jnp.asarray(np.random.default_rng(35).dirichlet(np.ones(8), 3), jnp.float32)
     )
+    smoothing = 0.0 if targets == "labels-unsmoothed" else SMOOTHING
 
     def loss(a):
-        return jsoftmax.cross_entropy(a, labels, label_smoothing=SMOOTHING)
+        return jsoftmax.cross_entropy(a, labels, label_smoothing=smoothing)
 
     residuals = _residuals(loss, x)
     logits_sized = [why for aval, why in residuals if aval.size >= x.size]
@@ -628,13 +632,14 @@ def test_cross_entropy_reverse_mode_saves_no_logits_sized_array_of_its_own(targe
     # constant here); never a probability tensor computed in the forward pass.
     assert all("argument" in why or "constant" in why for why in logits_sized), residuals
     assert any("argument" in why for why in logits_sized), residuals
+    # Per-row values: one or two per row (the kernels' statistics are a [rows, 2] pair).
     per_row = [aval for aval, why in residuals if aval.size < x.size and aval.size > 1]
-    assert per_row and all(aval.size == 3 for aval in per_row), residuals
+    assert per_row and all(aval.shape[0] == 3 and aval.size <= 6 for aval in per_row), residuals
 
     # The probe can fail: optax's cross-entropy saves a logits-sized array of its own.
     optax_loss = (
         (lambda a: optax.softmax_cross_entropy_with_integer_labels(a, labels).mean())
-        if targets == "labels"
+        if targets.startswith("labels")
         else (lambda a: optax.softmax_cross_entropy(a, labels).mean())
     )
     optax_residuals = _residuals(optax_loss, x)
@@ -777,6 +782,10 @@ EXPORTED = {
         partial(jsoftmax.cross_entropy, labels=_EXPORT_LABELS, label_smoothing=0.1),
         lambda: (random_logits((3, 6), seed=42),),
     ),
+    "cross_entropy-labels-unsmoothed": (  # the CPU kernels' case under jit
+        partial(jsoftmax.cross_entropy, labels=_EXPORT_LABELS),
+        lambda: (random_logits((3, 6), seed=42),),
+    ),
     "cross_entropy-probabilities": (
         partial(jsoftmax.cross_entropy, labels=_EXPORT_TARGETS),
         lambda: (random_logits((3, 6), seed=42),),
@@ -851,7 +860,10 @@ def test_rule_registries_jsoftmax_relies_on():
 
     from jsoftmax import _primitives
 
-    primitives = (_primitives.normalize_p, _primitives.tangent_p, _primitives.logsumexp_p)
+    primitives = (
+        _primitives.normalize_p, _primitives.tangent_p, _primitives.logsumexp_p,
+        _primitives.label_stats_p, _primitives.label_tangent_p,
+    )  # fmt: skip
     for primitive in primitives:
         assert primitive in ad.primitive_jvps
     # batching.primitive_batchers is write-only in jax 0.10 (a proxy that wraps the rule into
@@ -864,6 +876,8 @@ def test_rule_registries_jsoftmax_relies_on():
     # transpose rule there would mean reverse mode bypasses the tangent primitive).
     assert _primitives.tangent_p in ad.primitive_transposes
     assert _primitives.normalize_p not in ad.primitive_transposes
+    assert _primitives.label_tangent_p in ad.primitive_transposes
+    assert _primitives.label_stats_p not in ad.primitive_transposes
     # The helpers the rules call.
     for module, names in (
         (ad, ("Zero", "is_undefined_primal")),

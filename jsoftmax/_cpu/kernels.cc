@@ -14,6 +14,8 @@
 //   otherwise        -> e = exp(x - max), softmax e * (1/sum e), log_softmax (x - max) - log(sum e)
 // Backward: softmax dx = y * (g - sum(g * y)); log_softmax g' = (y == -inf ? 0 : g),
 // dx = g' - exp(y) * sum(g').
+// cross_entropy (integer labels) has two kernels of its own: per-row statistics for the loss, and
+// the gradient times the cotangent for reverse mode (see ce_stats_row).
 
 #include <algorithm>
 #include <atomic>
@@ -155,11 +157,13 @@ struct F32 {
   static T from_float(float v) { return v; }
   // Float32 values at or below this one are stored as -inf.
   static constexpr float kNegOverflow = -kInf;
+  static constexpr float kLowest = -0x1.fffffep+127f;  // the most negative finite value
 };
 
 struct BF16 {
   using T = uint16_t;
   static constexpr float kNegOverflow = -0x1.ffp+127f;  // halfway past the largest bfloat16
+  static constexpr float kLowest = -0x1.fep+127f;
   static vf load(const T* p) {
     vh h;
     std::memcpy(&h, p, sizeof(h));
@@ -196,6 +200,7 @@ struct BF16 {
 struct F16 {
   using T = _Float16;
   static constexpr float kNegOverflow = -65520.0f;  // halfway past the largest float16
+  static constexpr float kLowest = -65504.0f;
   static vf load(const T* p) {
     vhf h;
     std::memcpy(&h, p, sizeof(h));
@@ -521,6 +526,67 @@ void backward_from_input_row(const typename S::T* x, const typename S::T* g, typ
   }
 }
 
+// cross_entropy over rows (integer labels, no label smoothing; _cross_entropy.py decides).
+//
+// Forward: each row's statistics (shift, log_normalizer) in float32, by the XLA path's exact rules
+// (_formula.shifted_input and exp_sum): shift = the row maximum, log_normalizer = log(sum(exp(x -
+// shift))) with the sum reduced from FLT_MIN; a row of nothing but -inf gets the shift of the
+// storage type's lowest finite value and log(FLT_MIN); a row holding +inf (and no NaN) gets +inf
+// and log(k) for its k +inf entries; a row holding NaN gets NaN for both.
+template <class S>
+void ce_stats_row(const typename S::T* x, int64_t n, float* scratch, float* out,
+                  const typename S::T* next) {
+  constexpr bool kWide = std::is_same_v<typename S::T, float>;
+  float m = 0.0f;
+  switch (scan_row<S>(x, n, &m, kWide ? nullptr : scratch)) {
+    case RowKind::kNaN:
+      out[0] = out[1] = kNaN;
+      return;
+    case RowKind::kEmpty:
+      out[0] = S::kLowest;
+      out[1] = float(std::log(double(std::numeric_limits<float>::min())));
+      return;
+    case RowKind::kPosInf: {
+      int64_t k = 0;
+      for (int64_t i = 0; i < n; ++i) k += S::to_float(x[i]) == kInf;
+      out[0] = kInf;
+      out[1] = float(std::log(double(k)));
+      return;
+    }
+    case RowKind::kNormal:
+      break;
+  }
+  const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
+  const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+    if (next != nullptr) __builtin_prefetch(next + i);
+    return vexp(load_block<F32>(xf + i, count, -kInf) - m);
+  });
+  // A NaN among finite entries makes the sum NaN: the row's shift is NaN too, as the XLA
+  // path's maximum propagates it.
+  out[0] = sum == sum ? m : kNaN;
+  out[1] = float(std::log(sum));
+}
+
+// Backward, the gradient of row r's loss times its cotangent: dx = scale * (p - onehot(code)),
+// p = exp(((x == +inf) ? 0 : x - shift) - log_normalizer); 0 at -inf logits (masked classes,
+// constants). `scale` is the cotangent times the label's weight; code -1 marks an ignored row
+// (all 0, even at NaN logits), -2 a label out of range (all NaN).
+template <class S>
+void ce_backward_row(const typename S::T* x, const float* stats, float scale, int32_t code,
+                     typename S::T* dx, int64_t n, const typename S::T* next) {
+  if (code < 0) return fill_row<S>(dx, n, code == -1 ? 0.0f : kNaN);
+  const float shift = stats[0], log_normalizer = stats[1];
+  vi iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = i;
+  for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+    if (next != nullptr) __builtin_prefetch(next + i);
+    const vf shifted = (v == kInf) ? splat(0.0f) : v - shift;
+    vf out = scale * vexp(shifted - log_normalizer);
+    out = ((iota + int32_t(i)) == code) ? out - scale : out;
+    store_block<S>(dx + i, (v == -kInf) ? splat(0.0f) : out, count);
+  });
+}
+
 // Splits rows [0, rows) into chunks taken from a shared counter by the calling thread and by
 // tasks on XLA's pool. The caller alone can finish every chunk, so a busy pool only costs
 // parallelism; a task that starts after all chunks are taken touches nothing but the counters.
@@ -816,6 +882,53 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
   });
 }
 
+// cross_entropy: x [..., n] -> stats [..., 2] (float32 shift, log_normalizer), and
+// (x, stats, scale [...], code [...]) -> dx [..., n].
+ffi::Error CrossEntropyStats(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                             ffi::Result<ffi::Buffer<ffi::F32>> stats) {
+  const Layout l = layout_of(x, false);
+  if (l.units == 0) return ffi::Error::Success();
+  if (int64_t(stats->element_count()) != 2 * l.units)
+    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: statistics of the wrong shape");
+  return with_storage(x.element_type(), [&](auto storage) {
+    using S = decltype(storage);
+    using T = typename S::T;
+    const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+    float* sp = stats->typed_data();
+    parallel_rows(pool, l.units, l.n, [&](int64_t r0, int64_t r1) {
+      std::vector<float> scratch(std::is_same_v<T, float> ? 0 : l.n);
+      for (int64_t r = r0; r < r1; ++r)
+        ce_stats_row<S>(xp + r * l.n, l.n, scratch.data(), sp + 2 * r,
+                        r + 1 < r1 ? xp + (r + 1) * l.n : nullptr);
+    });
+  });
+}
+
+ffi::Error CrossEntropyBackward(ffi::ThreadPool pool, ffi::AnyBuffer x,
+                                ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> scale,
+                                ffi::Buffer<ffi::S32> code, ffi::Result<ffi::AnyBuffer> dx) {
+  const Layout l = layout_of(x, false);
+  if (l.units == 0) return ffi::Error::Success();
+  if (int64_t(stats.element_count()) != 2 * l.units ||
+      int64_t(scale.element_count()) != l.units || int64_t(code.element_count()) != l.units)
+    return ffi::Error::InvalidArgument("jsoftmax CPU kernel: per-row operands of the wrong shape");
+  return with_storage(x.element_type(), [&](auto storage) {
+    using S = decltype(storage);
+    using T = typename S::T;
+    const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+    const float* sp = stats.typed_data();
+    const float* cp = scale.typed_data();
+    const int32_t* kp = code.typed_data();
+    T* dp = reinterpret_cast<T*>(dx->untyped_data());
+    advise_huge_pages(dp, dx->size_bytes());
+    parallel_rows(pool, l.units, l.n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        ce_backward_row<S>(xp + r * l.n, sp + 2 * r, cp[r], kp[r], dp + r * l.n, l.n,
+                           r + 1 < r1 ? xp + (r + 1) * l.n : nullptr);
+    });
+  });
+}
+
 }  // namespace
 
 // Only the handlers and the two functions below are exported (the libraries build with hidden
@@ -894,3 +1007,18 @@ JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_from_input, log_softmax_bwd_from_inpu
 JSOFTMAX_BACKWARD(jsoftmax_softmax_bwd_from_input_columns, softmax_bwd_from_input_columns);
 JSOFTMAX_BACKWARD(jsoftmax_log_softmax_bwd_from_input_columns,
                   log_softmax_bwd_from_input_columns);
+JSOFTMAX_EXPORT XLA_FFI_Error* jsoftmax_cross_entropy_stats(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_cross_entropy_stats, CrossEntropyStats,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+JSOFTMAX_EXPORT XLA_FFI_Error* jsoftmax_cross_entropy_bwd(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_cross_entropy_bwd, CrossEntropyBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>());
