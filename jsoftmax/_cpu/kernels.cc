@@ -26,6 +26,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -490,20 +491,43 @@ void backward_from_input_row(const typename S::T* x, const typename S::T* g, typ
   if constexpr (kLog) {
     // dx = g - softmax(x) * sum(g), g counted only where the stored y = (x - m) - log(sum)
     // would be > -inf, as the output-based pass counts it (x - m or its rounding to 16 bits
-    // overflows to -inf for finite x far below m).
-    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+    // overflows to -inf for finite x far below m). The exponentials are kept (in dx, or in
+    // scratch after the row's float32 copy) and give softmax(x) = e * (1 / sum) in the last
+    // pass, without a second exp. For float32, y is -inf exactly where x - m is (log(sum) is
+    // at most 17 for any length up to 2^24: subtracting it cannot overflow), so sum(g) comes
+    // with sum(e); for 16-bit storage the threshold needs log(sum), one pass more.
+    float* e = kWide ? reinterpret_cast<float*>(dx) : scratch + n;
+    double sum = 0.0, kept = 0.0;
+    auto exp_pass = [&](int64_t i, int64_t count) {
       prefetch_next(i);
-      return vexp(load_block<F32>(xf + i, count, -kInf) - m);
-    });
+      const vf d = load_block<F32>(xf + i, count, -kInf) - m;
+      const vf ev = vexp(d);
+      store_block<F32>(e + i, ev, count);
+      return std::make_pair(d, ev);
+    };
+    if constexpr (kWide) {
+      blocked_sum2(n, &sum, &kept, [&](int64_t i, int64_t count, vf* ev_out, vf* g_out) {
+        const auto [d, ev] = exp_pass(i, count);
+        *ev_out = ev;
+        *g_out = (d == -kInf) ? splat(0.0f) : load_block<S>(g + i, count, 0.0f);
+      });
+    } else {
+      sum = blocked_sum(n, [&](int64_t i, int64_t count) { return exp_pass(i, count).second; });
+    }
     const float log_sum = float(std::log(sum));
-    const float total = float(blocked_sum(n, [&](int64_t i, int64_t count) {
-      const vf yv = (load_block<F32>(xf + i, count, -kInf) - m) - log_sum;
-      return (yv <= S::kNegOverflow) ? splat(0.0f) : load_block<S>(g + i, count, 0.0f);
-    }));
+    const float inv = float(1.0 / sum);
+    if constexpr (!kWide) {
+      kept = blocked_sum(n, [&](int64_t i, int64_t count) {
+        const vf yv = (load_block<F32>(xf + i, count, -kInf) - m) - log_sum;
+        return (yv <= S::kNegOverflow) ? splat(0.0f) : load_block<S>(g + i, count, 0.0f);
+      });
+    }
+    const float total = float(kept);
     for_blocks<F32>(xf, n, -kInf, [&](vf v, int64_t i, int64_t count) {
       const vf gv = load_block<S>(g + i, count, 0.0f);
       const vf yv = (v - m) - log_sum;
-      const vf out = ((yv <= S::kNegOverflow) ? splat(0.0f) : gv) - vexp(yv) * total;
+      const vf probs = load_block<F32>(e + i, count, 0.0f) * inv;
+      const vf out = ((yv <= S::kNegOverflow) ? splat(0.0f) : gv) - probs * total;
       store_block<S>(dx + i, out, count);
     });
   } else {
