@@ -134,16 +134,42 @@ def _row_statistics(
     return lax.platform_dependent(logits, cpu=cpu, default=exact)
 
 
-def _label_kernels(logits: jax.Array, axis: int, axis_name: Any, smoothing: float) -> bool:
+def _varying(array: Any) -> frozenset[Any]:
+    """The mesh axes an array varies over inside ``shard_map`` (``aval.mat`` in jax 0.10,
+    ``vma`` before)."""
+    aval = jax.typeof(array)
+    mat = getattr(aval, "mat", None)
+    if mat is not None and hasattr(mat, "varying"):
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", None) or ())
+
+
+def _row_spec(array: Any, rank: int) -> tuple[Any, ...]:
+    spec = getattr(getattr(jax.typeof(array), "sharding", None), "spec", None)
+    entries = () if spec is None else tuple(spec)
+    return (entries + (None,) * rank)[:rank]
+
+
+def _label_kernels(
+    logits: jax.Array, labels: jax.Array, weight: Any, axis: int, axis_name: Any, smoothing: float
+) -> bool:
     """Whether the CPU kernels compute the loss's row statistics and its backward pass: integer
     labels without label smoothing, classes along the last axis, where the softmax kernels
     apply (``_kernel.eligible``) and the computation runs on CPU (a GPU host also has one CPU
     device; its lowering would take the formulas, in a form XLA fuses worse than this module's).
+
+    The primitives type their results after the logits, so labels (or class weights) that vary
+    over more ``shard_map`` axes than the logits, or rows sharded otherwise than the logits'
+    rows, keep the XLA path, whose ``jnp`` operations join the types.
     """
+    rows = logits.ndim - 1
+    others = [labels] if weight is None else [labels, weight]
     return (
         smoothing == 0
-        and axis == logits.ndim - 1
+        and axis == rows
         and jax.default_backend() == "cpu"
+        and all(_varying(a) <= _varying(logits) for a in others)
+        and _row_spec(labels, rows) == _row_spec(logits, rows)
         and _kernel.eligible(logits, (axis,), axis_name)
     )
 
@@ -220,7 +246,7 @@ def _labels_fwd(
     spread_weight = None
     if smoothing > 0:
         spread_weight = 1 if weight is None else _local_weight(weight, x, axis, axis_name)
-    if _label_kernels(logits, axis, axis_name, smoothing):
+    if _label_kernels(logits, labels, weight, axis, axis_name, smoothing):
         stats = _primitives.label_statistics(logits, kernel=True)
         shift, log_normalizer, spread = stats[..., :1], stats[..., 1:], None
     else:
@@ -309,7 +335,7 @@ def _labels_loss_jvp(
 ) -> tuple[jax.Array, jax.Array]:
     logits, labels, weight = primals
     loss, residuals = _labels_fwd(logits, labels, weight, axis, axis_name, ignore_index, smoothing)
-    if _label_kernels(logits, axis, axis_name, smoothing):
+    if _label_kernels(logits, labels, weight, axis, axis_name, smoothing):
         # The tangent map as a primitive whose transpose is the CPU kernel's backward pass: it
         # takes the per-row cotangent, so reverse mode writes the gradient in one pass (XLA's
         # transpose of the contraction would multiply a kernel's output by it in another).

@@ -251,7 +251,7 @@ def label_gradient(x: jax.Array, stats: jax.Array, scale: jax.Array, code: jax.A
     code = code[..., None]
     row_scale = scale.astype(compute)[..., None]
     is_label = lax.broadcasted_iota(code.dtype, x.shape, x.ndim - 1) == code
-    grad = row_scale * probs - jnp.where(is_label, row_scale, 0)
+    grad = row_scale * jnp.where(is_label, probs - 1, probs)
     grad = jnp.where(x == -jnp.inf, 0, grad)
     grad = jnp.where(code == -1, 0, grad)
     return jnp.where(code == -2, jnp.nan, grad)

@@ -46,7 +46,7 @@ _OPS = (
     "softmax_bwd_from_input", "log_softmax_bwd_from_input",
 )  # fmt: skip
 # cross_entropy over rows (integer labels): the per-row statistics, and the gradient times the
-# cotangent (_primitives.py, ce_stats_p and ce_tangent_p).
+# cotangent (_primitives.py, label_stats_p and label_tangent_p).
 CROSS_ENTROPY_TARGETS = ("cross_entropy_stats", "cross_entropy_bwd")
 TARGETS = _OPS + tuple(f"{op}_columns" for op in _OPS) + CROSS_ENTROPY_TARGETS
 # Column kernels take 16 neighbouring slices per vector: fewer than 16 entries after the reduced

@@ -76,6 +76,7 @@ OPTIONS = {
     "none": {"reduction": "none"},
     "sum-ignore": {"reduction": "sum", "ignore_index": 3},
     "row-where": {"where": np.arange(24) % 5 != 0},
+    "logit-where": {"where": np.arange(24 * 37).reshape(24, 37) % 7 != 0},
 }
 
 
@@ -125,7 +126,7 @@ def test_leading_axes_and_vmap(monkeypatch):
 def _edge_rows(dtype):
     """Rows for every rule, with their labels: NaN, +inf (one and two), all -inf, half -inf with
     the label on a finite and on a -inf entry, an ignored row, labels out of range."""
-    x = np.array(_logits((10, 40), "float32", seed=6))
+    x = np.array(_logits((11, 40), "float32", seed=6))
     x[0, 5] = np.nan
     x[1, 7] = np.inf
     x[2, [3, 9]] = np.inf
@@ -133,7 +134,8 @@ def _edge_rows(dtype):
     x[4, :20] = -np.inf
     x[5, :20] = -np.inf
     x[8, 1] = np.nan  # ignored: 0 even with a NaN logit
-    labels = np.array([1, 7, 3, 2, 30, 10, 0, 3, -100, 40], np.int32)
+    x[10, 2] = np.inf  # the label on a finite entry next to +inf
+    labels = np.array([1, 7, 3, 2, 30, 10, 0, 3, -100, 40, 5], np.int32)
     labels[6] = -5  # a negative label that is not ignore_index: out of range, NaN
     return jnp.asarray(x).astype(dtype), jnp.asarray(labels)
 
@@ -141,11 +143,11 @@ def _edge_rows(dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_edge_rows_follow_the_xla_path(monkeypatch, dtype):
     x, labels = _edge_rows(dtype)
-    g = _logits((10,), "float32", seed=7)
+    g = _logits((11,), "float32", seed=7)
     on = _loss_and_vjp(monkeypatch, "on", x, g, labels=labels, reduction="none")
     off = _loss_and_vjp(monkeypatch, "off", x, g, labels=labels, reduction="none")
     assert _targets(on[2]) == TARGETS and not _targets(off[2])
-    for row in range(10):
+    for row in range(11):
         _assert_agree(on[0][row], off[0][row], "float32", f"{dtype} row {row} loss")
         _assert_agree(on[1][row], off[1][row], dtype, f"{dtype} row {row} gradient")
     loss, dx = to_f64(on[0]), to_f64(on[1])
@@ -156,6 +158,68 @@ def test_edge_rows_follow_the_xla_path(monkeypatch, dtype):
     assert np.isfinite(loss[4]) and np.isposinf(loss[5])
     assert loss[8] == 0 and np.all(dx[8] == 0)
     assert np.all(dx[3] == 0) and np.all(dx[4, :20] == 0) and np.all(np.isnan(dx[9]))
+    # +inf off the label: loss +inf; the gradient g at the +inf entry, -g at the label, 0 else.
+    assert np.isposinf(loss[10])
+    expected = np.zeros(40)
+    expected[2], expected[5] = to_f64(g)[10], -to_f64(g)[10]
+    np.testing.assert_allclose(dx[10], expected, rtol=RTOL[dtype])
+
+
+def test_a_single_class(monkeypatch):
+    # Rows of one entry: probability 1, loss 0, gradient 0 (an all -inf row: loss +inf).
+    x = jnp.array([[2.0], [-7.5], [-jnp.inf]], jnp.float32)
+    labels = jnp.zeros(3, jnp.int32)
+    on = _loss_and_vjp(monkeypatch, "on", x, labels=labels, reduction="none")
+    off = _loss_and_vjp(monkeypatch, "off", x, labels=labels, reduction="none")
+    assert _targets(on[2]) == TARGETS and not _targets(off[2])
+    np.testing.assert_array_equal(on[0], off[0])
+    np.testing.assert_array_equal(on[1], off[1])
+    np.testing.assert_array_equal(on[0], [0.0, 0.0, np.inf])
+    np.testing.assert_array_equal(on[1], np.zeros((3, 1)))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_gradients_under_vmap_and_scan(monkeypatch, dtype):
+    x = _logits((2, 3, 6, 33), dtype, seed=20)
+    labels = jnp.asarray(np.random.default_rng(21).integers(0, 33, (3, 6)), jnp.int32)
+    results = {}
+    for mode in ("on", "off"):
+        monkeypatch.setenv(ENV, mode)
+
+        def total(xs, lab=labels):
+            per = jax.vmap(lambda a, y: jsoftmax.cross_entropy(a, y, reduction="sum"))
+            return jax.lax.scan(lambda c, a: (c + jnp.sum(per(a, lab)), None), 0.0, xs)[0]
+
+        lowered = jax.jit(jax.grad(total)).lower(x)
+        results[mode] = (np.asarray(lowered.compile()(x)), _targets(lowered.as_text()))
+    assert results["on"][1] == TARGETS and not results["off"][1]
+    _assert_agree(results["on"][0], results["off"][0], dtype, f"{dtype} grad")
+
+
+def test_labels_varying_where_the_logits_do_not_keep_the_xla_path(monkeypatch):
+    # Inside shard_map, replicated logits with labels split over the mesh: the loss varies with
+    # the labels. The primitives type their results after the logits, so this case stays on the
+    # XLA path (it used to fail the custom_jvp type check); the result matches unsplit labels.
+    monkeypatch.setenv(ENV, "on")
+    mesh = jax.make_mesh((1,), ("v",))
+    P, named = jax.sharding.PartitionSpec, jax.sharding.NamedSharding
+    x = jax.device_put(_logits((4, 9), seed=22), named(mesh, P()))
+    labels = jax.device_put(_labels(4, 9, seed=23), named(mesh, P("v")))
+
+    def loss(a, y):
+        return jsoftmax.cross_entropy(a, y, reduction="none")
+
+    split = jax.shard_map(loss, mesh=mesh, in_specs=(P(), P("v")), out_specs=P("v"))
+    fn = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(split(a, labels)))))
+    assert not _targets(fn.lower(x).as_text())
+    expected = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(loss(a, labels)))))(x)
+    np.testing.assert_allclose(np.asarray(fn(x)), np.asarray(expected), rtol=1e-6, atol=1e-7)
+    # Both split alike: the kernels.
+    both = jax.shard_map(loss, mesh=mesh, in_specs=(P("v"), P("v")), out_specs=P("v"))
+    fn = jax.jit(jax.grad(lambda a: jnp.sum(jnp.sin(both(a, labels)))))
+    x_split = jax.device_put(x, named(mesh, P("v")))
+    assert _targets(fn.lower(x_split).as_text()) == TARGETS
+    np.testing.assert_allclose(np.asarray(fn(x_split)), np.asarray(expected), rtol=1e-6, atol=1e-7)
 
 
 def test_long_rows_are_accurate(monkeypatch):
@@ -221,6 +285,9 @@ def test_gpu_host_and_cuda_lowering_use_the_formulas(monkeypatch):
     x, labels = _logits((4, 11), seed=12), _labels(4, 11, seed=13)
     fn = jax.jit(jax.value_and_grad(lambda a: jsoftmax.cross_entropy(a, labels)))
     assert _targets(fn.trace(x).lower(lowering_platforms=("cpu",)).as_text()) == TARGETS
+    # Traced here (the primitives), lowered for CUDA: their formulas.
+    cuda = fn.trace(x).lower(lowering_platforms=("cuda",)).as_text()
+    assert not _targets(cuda) and "stablehlo.exponential" in cuda
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     jax.clear_caches()
     try:

@@ -605,9 +605,9 @@ void ce_backward_row(const typename S::T* x, const float* stats, float scale, in
   for_blocks<S>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
     if (next != nullptr) __builtin_prefetch(next + i);
     const vf shifted = (v == kInf) ? splat(0.0f) : v - shift;
-    vf out = scale * vexp(shifted - log_normalizer);
-    out = ((iota + int32_t(i)) == code) ? out - scale : out;
-    store_block<S>(dx + i, (v == -kInf) ? splat(0.0f) : out, count);
+    vf probs = vexp(shifted - log_normalizer);
+    probs = ((iota + int32_t(i)) == code) ? probs - 1.0f : probs;  // exact for p >= 1/2
+    store_block<S>(dx + i, (v == -kInf) ? splat(0.0f) : scale * probs, count);
   });
 }
 
