@@ -18,10 +18,11 @@ element per row) or, where the class axis is split across devices, a masked sum 
 per-row all-reduce, so the same code shards along the class axis (under ``jit`` with a
 NamedSharding, or across ``axis_name`` inside ``shard_map``) with per-row all-reduces only.
 
-On CPU, for integer labels without label smoothing along the last axis (``_label_kernels``), two
-kernels do the logits-sized work: the row statistics (``_primitives.label_statistics``, one read
-of the logits) and, in reverse mode, the gradient times the per-row cotangent (the transpose of
-``_primitives.label_tangent``, one read and one write). The tangent map is a primitive there
+On CPU, for integer labels along the last axis (label smoothing only without class weights;
+``_label_kernels``), two kernels do the logits-sized work: the row statistics
+(``_primitives.label_statistics``, one read of the logits) and, in reverse mode, the gradient
+times the per-row cotangent (the transpose of ``_primitives.label_tangent``, one read and one
+write). The tangent map is a primitive there
 because a kernel computing the gradient alone would leave XLA's transpose of the contraction, a
 multiply by the cotangent, as another pass over the logits.
 """
@@ -154,9 +155,10 @@ def _label_kernels(
     logits: jax.Array, labels: jax.Array, weight: Any, axis: int, axis_name: Any, smoothing: float
 ) -> bool:
     """Whether the CPU kernels compute the loss's row statistics and its backward pass: integer
-    labels without label smoothing, classes along the last axis, where the softmax kernels
-    apply (``_kernel.eligible``) and the computation runs on CPU (a GPU host also has one CPU
-    device; its lowering would take the formulas, in a form XLA fuses worse than this module's).
+    labels, label smoothing only without class weights, classes along the last axis, where the
+    softmax kernels apply (``_kernel.eligible``) and the computation runs on CPU (a GPU host also
+    has one CPU device; its lowering would take the formulas, in a form XLA fuses worse than this
+    module's).
 
     The primitives type their results after the logits, so labels (or class weights) that vary
     over more ``shard_map`` axes than the logits, or rows sharded otherwise than the logits'
@@ -165,7 +167,7 @@ def _label_kernels(
     rows = logits.ndim - 1
     others = [labels] if weight is None else [labels, weight]
     return (
-        smoothing == 0
+        (smoothing == 0 or weight is None)
         and axis == rows
         and jax.default_backend() == "cpu"
         and all(_varying(a) <= _varying(logits) for a in others)
@@ -248,7 +250,8 @@ def _labels_fwd(
         spread_weight = 1 if weight is None else _local_weight(weight, x, axis, axis_name)
     if _label_kernels(logits, labels, weight, axis, axis_name, smoothing):
         stats = _primitives.label_statistics(logits, kernel=True)
-        shift, log_normalizer, spread = stats[..., :1], stats[..., 1:], None
+        shift, log_normalizer = stats[..., :1], stats[..., 1:2]
+        spread = -stats[..., 2:] if smoothing > 0 else None  # unit weights (no class weights)
     else:
         shift, log_normalizer, spread = _row_statistics(logits, axes, axis_name, spread_weight)
     loss = jnp.zeros(log_normalizer.shape, compute)
@@ -346,8 +349,15 @@ def _labels_loss_jvp(
             labels, weight, ignore_index, num_classes
         )
         code = jnp.where(out_of_range, -2, jnp.where(valid, labels, -1)).astype(jnp.int32)
-        scale = label_weight.astype(loss.dtype)  # the label's mass, 0 for ignored rows
-        tangent = _primitives.label_tangent(logits, stats, scale, code, tangents[0], kernel=True)
+        # The row's target mass: the label's weight; with smoothing (no class weights) 1 - s on
+        # the label plus s / C on every class, 1 in all. Ignored rows are zero by their code.
+        scale = label_weight.astype(loss.dtype)
+        if smoothing > 0:
+            scale = (1 - smoothing) * scale + smoothing
+        tangent = _primitives.label_tangent(
+            logits, stats, scale, code, tangents[0], kernel=True,
+            label_mass=1 - smoothing, uniform=smoothing / num_classes,
+        )  # fmt: skip
         return loss, tangent
 
     def linear(residuals: tuple[Any, ...], logits_tangent: jax.Array) -> jax.Array:

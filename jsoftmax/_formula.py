@@ -234,24 +234,34 @@ def scaled_logsumexp(
 
 
 def label_statistics(x: jax.Array) -> jax.Array:
-    """``[..., 2]``: each row's ``(shift, log_normalizer)`` in the compute dtype, the rules above
-    (shift = the row maximum, ``log_normalizer = log(sum(exp(x - shift)))``)."""
+    """``[..., 3]``: each row's ``(shift, log_normalizer, shifted_sum)`` in the compute dtype,
+    the rules above (shift = the row maximum, ``log_normalizer = log(sum(exp(x - shift)))``,
+    ``shifted_sum = sum(x - shift)`` with +inf entries counting 0: label smoothing's term)."""
     axes = (x.ndim - 1,)
     shift, shifted = shifted_input(x, axes, None)
-    return jnp.concatenate((shift, log_of_sum(exp_sum(shifted, axes, None))), axis=-1)
+    log_normalizer = log_of_sum(exp_sum(shifted, axes, None))
+    return jnp.concatenate((shift, log_normalizer, global_sum(shifted, axes, None)), axis=-1)
 
 
-def label_gradient(x: jax.Array, stats: jax.Array, scale: jax.Array, code: jax.Array) -> jax.Array:
-    """``scale * (softmax(x) - onehot(code))`` per row from the row statistics, in the compute
-    dtype: 0 at -inf logits (masked classes are constants); ``code`` -1 marks an ignored row
-    (all 0, even at NaN logits), -2 a label out of range (all NaN)."""
+def label_gradient(
+    x: jax.Array,
+    stats: jax.Array,
+    scale: jax.Array,
+    code: jax.Array,
+    label_mass: float = 1.0,
+    uniform: float = 0.0,
+) -> jax.Array:
+    """``scale * (softmax(x) - label_mass * onehot(code) - uniform)`` per row from the row
+    statistics (``stats[..., :2]``: shift, log_normalizer), in the compute dtype: 0 at -inf
+    logits (masked classes are constants); ``code`` -1 marks an ignored row (all 0, even at NaN
+    logits), -2 a label out of range (all NaN)."""
     compute = compute_dtype(x.dtype)
-    shift, log_normalizer = stats[..., :1], stats[..., 1:]
+    shift, log_normalizer = stats[..., :1], stats[..., 1:2]
     probs = jnp.exp(subtract_shift(x, shift) - log_normalizer)
     code = code[..., None]
     row_scale = scale.astype(compute)[..., None]
     is_label = lax.broadcasted_iota(code.dtype, x.shape, x.ndim - 1) == code
-    grad = row_scale * jnp.where(is_label, probs - 1, probs)
+    grad = row_scale * (jnp.where(is_label, probs - label_mass, probs) - uniform)
     grad = jnp.where(x == -jnp.inf, 0, grad)
     grad = jnp.where(code == -1, 0, grad)
     return jnp.where(code == -2, jnp.nan, grad)

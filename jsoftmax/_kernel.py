@@ -293,10 +293,14 @@ def call(name: str, axes: tuple[int, ...], *operands: jax.Array) -> jax.Array:
     return result.reshape(first.shape)
 
 
-def call_rows(name: str, result: jax.ShapeDtypeStruct, *operands: jax.Array) -> jax.Array:
+def call_rows(
+    name: str, result: jax.ShapeDtypeStruct, *operands: jax.Array, **attributes: Any
+) -> jax.Array:
     """Kernel ``name`` over the rows of the first operand (its last axis); the other operands
-    hold one value (or a trailing pair) per row. The leading axes stay as they are."""
-    return jax.ffi.ffi_call(f"jsoftmax_{name}", result, vmap_method="broadcast_all")(*operands)
+    hold one value (or a few trailing ones) per row; ``attributes`` are the kernel's scalar
+    attributes. The leading axes stay as they are."""
+    call = jax.ffi.ffi_call(f"jsoftmax_{name}", result, vmap_method="broadcast_all")
+    return call(*operands, **attributes)
 
 
 _load()

@@ -12,9 +12,10 @@ Three primitives:
 And two for cross_entropy with integer labels over the last axis, so that its CPU kernels compute
 both directions:
 
-* ``label_stats_p(x)``: each row's ``(shift, log_normalizer)``, ``[..., 2]``.
+* ``label_stats_p(x)``: each row's ``(shift, log_normalizer, shifted_sum)``, ``[..., 3]``.
 * ``label_tangent_p(x, stats, scale, code, t)``: the loss's tangent map, per row
-  ``sum_c G_c t_c`` with ``G = scale * (softmax(x) - onehot(code))``; linear in ``t``, and its
+  ``sum_c G_c t_c`` with ``G = scale * (softmax(x) - label_mass * onehot(code) - uniform)``
+  (params ``label_mass``, ``uniform``: label smoothing); linear in ``t``, and its
   transpose (param ``transposed``) is ``G * t`` for a per-row ``t``, the backward pass, which the
   CPU kernel computes in one pass over the saved logits.
 
@@ -45,6 +46,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -136,11 +138,14 @@ def _label_stats_formula(x: jax.Array, *, kernel: bool) -> jax.Array:
     return _formula.label_statistics(x)
 
 
-def _label_tangent_formula(x, stats, scale, code, t, *, transposed, kernel) -> jax.Array:
+def _label_tangent_formula(
+    x, stats, scale, code, t, *, transposed, kernel, label_mass, uniform
+) -> jax.Array:
     del kernel
     if transposed:  # t per row: the gradient scaled by it
-        return _formula.label_gradient(x, stats, scale * t, code).astype(x.dtype)
-    gradient = _formula.label_gradient(x, stats, scale, code)
+        gradient = _formula.label_gradient(x, stats, scale * t, code, label_mass, uniform)
+        return gradient.astype(x.dtype)
+    gradient = _formula.label_gradient(x, stats, scale, code, label_mass, uniform)
     return jnp.sum(gradient * t.astype(gradient.dtype), axis=-1)
 
 
@@ -163,11 +168,11 @@ def _rows_aval(like: Any, shape: tuple[int, ...], dtype: Any) -> Any:
 
 def _label_stats_abstract(x: Any, *, kernel: bool) -> Any:
     del kernel
-    return _rows_aval(x, (*x.shape[:-1], 2), _formula.compute_dtype(x.dtype))
+    return _rows_aval(x, (*x.shape[:-1], 3), _formula.compute_dtype(x.dtype))
 
 
-def _label_tangent_abstract(x, stats, scale, code, t, *, transposed, kernel) -> Any:
-    del stats, scale, code, kernel
+def _label_tangent_abstract(x, stats, scale, code, t, *, transposed, **_: Any) -> Any:
+    del stats, scale, code
     if transposed:  # the logits' cotangent
         return _rows_aval(x, x.shape, x.dtype)
     return _rows_aval(t, x.shape[:-1], _formula.compute_dtype(x.dtype))
@@ -205,20 +210,21 @@ def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed, from
 
 def _label_stats_cpu(x: jax.Array, *, kernel: bool) -> jax.Array:
     del kernel
-    result = jax.ShapeDtypeStruct((*x.shape[:-1], 2), jnp.float32)
+    result = jax.ShapeDtypeStruct((*x.shape[:-1], 3), jnp.float32)
     return _kernel.call_rows("cross_entropy_stats", result, x)
 
 
-def _label_tangent_cpu(x, stats, scale, code, t, *, transposed, kernel) -> jax.Array:
-    if not transposed:  # forward mode: the formula
-        return _label_tangent_formula(
-            x, stats, scale, code, t, transposed=transposed, kernel=kernel
-        )
+def _label_tangent_cpu(x, stats, scale, code, t, **params: Any) -> jax.Array:
+    if not params["transposed"]:  # forward mode: the formula
+        return _label_tangent_formula(x, stats, scale, code, t, **params)
     row_scale = (scale * t).astype(jnp.float32)
     result = jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return _kernel.call_rows(
-        "cross_entropy_bwd", result, x, stats, row_scale, code.astype(jnp.int32)
-    )
+    operands = (x, stats[..., :2], row_scale, code.astype(jnp.int32))
+    attributes = {
+        "label_mass": np.float32(params["label_mass"]),
+        "uniform": np.float32(params["uniform"]),
+    }
+    return _kernel.call_rows("cross_entropy_bwd", result, *operands, **attributes)
 
 
 def _normalize_cuda(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel) -> jax.Array:
@@ -381,13 +387,13 @@ def _tangent_transpose(cotangent, y, t, *, transposed, **params):
 ad.primitive_transposes[tangent_p] = _tangent_transpose
 
 
-def _label_tangent_transpose(cotangent, x, stats, scale, code, t, *, transposed, kernel):
+def _label_tangent_transpose(cotangent, x, stats, scale, code, t, *, transposed, **params):
     if any(ad.is_undefined_primal(a) for a in (x, stats, scale, code)):
         raise NotImplementedError("jsoftmax: the label tangent map is linear in its tangent only")
     if type(cotangent) is ad.Zero:
         return [None, None, None, None, ad.Zero(t.aval)]
     back = label_tangent_p.bind(
-        x, stats, scale, code, cotangent, transposed=not transposed, kernel=kernel
+        x, stats, scale, code, cotangent, transposed=not transposed, **params
     )
     return [None, None, None, None, back]
 
@@ -465,14 +471,25 @@ def vjp_from_output(
 
 
 def label_statistics(x: jax.Array, *, kernel: bool) -> jax.Array:
-    """cross_entropy's row statistics ``[..., 2]`` (``_formula.label_statistics``); the CPU
+    """cross_entropy's row statistics ``[..., 3]`` (``_formula.label_statistics``); the CPU
     kernel where ``kernel`` (the caller checked ``_kernel.eligible``)."""
     return label_stats_p.bind(x, kernel=kernel)
 
 
 def label_tangent(
-    x: jax.Array, stats: jax.Array, scale: jax.Array, code: jax.Array, t: jax.Array, *, kernel: bool
+    x: jax.Array,
+    stats: jax.Array,
+    scale: jax.Array,
+    code: jax.Array,
+    t: jax.Array,
+    *,
+    kernel: bool,
+    label_mass: float = 1.0,
+    uniform: float = 0.0,
 ) -> jax.Array:
     """cross_entropy's tangent map (per row ``sum_c G_c t_c``); reverse mode transposes it into
     the CPU kernel's backward pass where ``kernel``."""
-    return label_tangent_p.bind(x, stats, scale, code, t, transposed=False, kernel=kernel)
+    return label_tangent_p.bind(
+        x, stats, scale, code, t, transposed=False, kernel=kernel,
+        label_mass=float(label_mass), uniform=float(uniform),
+    )  # fmt: skip

@@ -1,5 +1,5 @@
-"""cross_entropy's CPU kernels (integer labels, no label smoothing, classes along the last axis)
-against the XLA path, the float64 definition and the rules around them.
+"""cross_entropy's CPU kernels (integer labels, classes along the last axis, label smoothing only
+without class weights) against the XLA path, the float64 definition and the rules around them.
 
 As in test_cpu_kernel.py, most tests compute one thing with ``JSOFTMAX_CPU_KERNEL=on`` and
 ``=off`` (every function jitted afresh) and check, in the lowered StableHLO, that "on" called the
@@ -56,13 +56,23 @@ def _loss_and_vjp(monkeypatch, mode, x, g=None, **kwargs):
     return np.asarray(loss), np.asarray(dx), lowered.as_text()
 
 
-def _assert_agree(on, off, dtype, what):
+def _assert_agree(on, off, dtype, what, rows=False):
+    """Same NaN / inf positions; finite entries within RTOL of each other, or, with ``rows``
+    (gradients), within RTOL of the row's largest entry: with label smoothing an entry is
+    ``p - s / C``, which cancels, and both paths round p and s / C apart."""
     a, b = to_f64(on), to_f64(off)
     for test in (np.isnan, np.isposinf, np.isneginf):
         assert np.array_equal(test(a), test(b)), f"{what}: {test.__name__} positions differ"
     finite = np.isfinite(b)
-    np.testing.assert_allclose(
-        a[finite], b[finite], rtol=RTOL[dtype], atol=ATOL[dtype], err_msg=what
+    atol = np.full(b.shape, ATOL[dtype])
+    if rows and b.ndim:
+        largest = np.max(np.where(finite, np.abs(b), 0), axis=-1, keepdims=True)
+        atol = np.maximum(atol, RTOL[dtype] * largest)
+    with np.errstate(invalid="ignore"):  # inf - inf at the non-finite entries, masked out
+        bad = finite & ~(np.abs(a - b) <= atol + RTOL[dtype] * np.abs(b))
+    assert not bad.any(), (
+        f"{what}: {bad.sum()} entries differ, first at {np.argwhere(bad)[0].tolist()}: "
+        f"{a[bad][0]!r} vs {b[bad][0]!r} (atol {atol[bad][0]:.3g}, rtol {RTOL[dtype]:.3g})"
     )
 
 
@@ -77,6 +87,8 @@ OPTIONS = {
     "sum-ignore": {"reduction": "sum", "ignore_index": 3},
     "row-where": {"where": np.arange(24) % 5 != 0},
     "logit-where": {"where": np.arange(24 * 37).reshape(24, 37) % 7 != 0},
+    "smoothing": {"label_smoothing": 0.1},
+    "smoothing-none-ignore": {"label_smoothing": 0.3, "reduction": "none", "ignore_index": 5},
 }
 
 
@@ -86,19 +98,19 @@ def test_kernels_match_xla_path(monkeypatch, option, dtype):
     x = _logits((24, 37), dtype, seed=1)
     labels = _labels(24, 37, seed=2)
     kwargs = {"labels": labels, **OPTIONS[option]}
-    g = _logits((24,), "float32", seed=3) if option == "none" else None
+    g = _logits((24,), "float32", seed=3) if kwargs.get("reduction") == "none" else None
     loss_on, dx_on, hlo_on = _loss_and_vjp(monkeypatch, "on", x, g, **kwargs)
     loss_off, dx_off, hlo_off = _loss_and_vjp(monkeypatch, "off", x, g, **kwargs)
     assert _targets(hlo_on) == TARGETS, _targets(hlo_on)
     assert not _targets(hlo_off), _targets(hlo_off)
     _assert_agree(loss_on, loss_off, "float32" if dtype == "float32" else dtype, "loss")
-    _assert_agree(dx_on, dx_off, dtype, "gradient")
+    _assert_agree(dx_on, dx_off, dtype, "gradient", rows=True)
     # And both against the definition in float64 (mean / sum / none with weights).
-    if option in ("mean", "weight", "none", "sum-ignore"):
-        reduction = kwargs.get("reduction", "mean")
+    if "where" not in kwargs:
         exact = ref_cross_entropy(
             x, labels, weight=kwargs.get("weight"), ignore_index=kwargs.get("ignore_index", -100),
-            reduction=reduction,
+            label_smoothing=kwargs.get("label_smoothing", 0.0),
+            reduction=kwargs.get("reduction", "mean"),
         )  # fmt: skip
         tol = 1e-5 if dtype == "float32" else 1e-2
         np.testing.assert_allclose(to_f64(loss_on), exact, rtol=tol, atol=tol)
@@ -140,17 +152,23 @@ def _edge_rows(dtype):
     return jnp.asarray(x).astype(dtype), jnp.asarray(labels)
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_edge_rows_follow_the_xla_path(monkeypatch, dtype):
+def test_edge_rows_follow_the_xla_path(monkeypatch, dtype, smoothing):
     x, labels = _edge_rows(dtype)
     g = _logits((11,), "float32", seed=7)
-    on = _loss_and_vjp(monkeypatch, "on", x, g, labels=labels, reduction="none")
-    off = _loss_and_vjp(monkeypatch, "off", x, g, labels=labels, reduction="none")
+    kwargs = {"labels": labels, "reduction": "none", "label_smoothing": smoothing}
+    on = _loss_and_vjp(monkeypatch, "on", x, g, **kwargs)
+    off = _loss_and_vjp(monkeypatch, "off", x, g, **kwargs)
     assert _targets(on[2]) == TARGETS and not _targets(off[2])
     for row in range(11):
         _assert_agree(on[0][row], off[0][row], "float32", f"{dtype} row {row} loss")
-        _assert_agree(on[1][row], off[1][row], dtype, f"{dtype} row {row} gradient")
+        _assert_agree(on[1][row], off[1][row], dtype, f"{dtype} row {row} gradient", rows=True)
     loss, dx = to_f64(on[0]), to_f64(on[1])
+    if smoothing:  # smoothing mass on -inf logits or next to +inf: +inf (as torch)
+        assert np.isposinf(loss[[1, 3, 4, 5, 10]]).all() and np.isnan(loss[[0, 6, 9]]).all()
+        assert loss[2] == np.inf and loss[8] == 0 and np.all(dx[8] == 0)
+        return
     # The rules, spelled out (both paths): NaN row NaN; the label among two +inf gets log 2;
     # a -inf label has loss +inf and every -inf logit gradient 0; ignored rows 0; out of range NaN.
     assert np.isnan(loss[0]) and np.isnan(loss[6]) and np.isnan(loss[9])
@@ -250,7 +268,11 @@ def test_long_rows_are_accurate(monkeypatch):
 
 
 NOT_ELIGIBLE = {
-    "label smoothing": ({"label_smoothing": 0.1}, (6, 9), "float32"),
+    "label smoothing with class weights": (
+        {"label_smoothing": 0.1, "weight": np.linspace(0.5, 1.5, 9)},
+        (6, 9),
+        "float32",
+    ),
     "class axis not last": ({"axis": 0}, (9, 6), "float32"),
     "probability targets": ({"labels": "probabilities"}, (6, 9), "float32"),
     "float64": ({}, (6, 9), "float64"),
@@ -346,13 +368,14 @@ def test_transformations_agree_with_the_xla_path(monkeypatch, context):
         np.testing.assert_allclose(results["on"][0], np.asarray(exact), rtol=1e-4, atol=1e-6)
 
 
-def test_check_grads_through_the_kernels(monkeypatch):
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_check_grads_through_the_kernels(monkeypatch, smoothing):
     # Forward and reverse mode to second order by finite differences, in float32 (the kernels'
     # dtype; float64 takes the XLA path), on logits of moderate size.
     monkeypatch.setenv(ENV, "on")
     x = _logits((3, 6), seed=15, scale=1.0)
     labels = jnp.array([1, 5, 0], jnp.int32)
-    fn = partial(jsoftmax.cross_entropy, labels=labels, reduction="none")
+    fn = partial(jsoftmax.cross_entropy, labels=labels, reduction="none", label_smoothing=smoothing)
     assert _targets(jax.jit(jax.grad(lambda a: fn(a).sum())).lower(x).as_text()) == TARGETS
     check_grads(fn, (x,), order=2, modes=["fwd", "rev"], atol=2e-2, rtol=2e-2, eps=1e-2)
 

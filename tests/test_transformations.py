@@ -109,18 +109,27 @@ def _smoothed_labels_ref(x, aux, smoothing=SMOOTHING):
     return jnp.sum(loss) / jnp.sum(label_weight)
 
 
-def _labels_case(smoothing: float) -> Case:
-    # Without smoothing, cross_entropy takes its own primitives (on CPU, its kernels).
+def _labels_case(smoothing: float, weighted: bool = True) -> Case:
+    # Without smoothing, or without class weights, cross_entropy takes its own primitives (on
+    # CPU, its kernels); smoothing with class weights runs the XLA formula.
     def fn(x, aux, axis_name=None):
         labels, weight = aux
         return jsoftmax.cross_entropy(
-            x, labels, weight=weight, label_smoothing=smoothing, axis_name=axis_name
-        )
+            x, labels, weight=weight if weighted else None, label_smoothing=smoothing,
+            axis_name=axis_name,
+        )  # fmt: skip
+
+    def ref(x, aux):
+        labels, weight = aux
+        return _smoothed_labels_ref(x, (labels, weight if weighted else np.ones_like(weight)),
+                                    smoothing=smoothing)  # fmt: skip
 
     return Case(
-        name="cross_entropy-labels" + ("" if smoothing else "-unsmoothed"),
+        name="cross_entropy-labels"
+        + ("" if smoothing else "-unsmoothed")
+        + ("" if weighted else "-unweighted"),
         fn=fn,
-        ref=partial(_smoothed_labels_ref, smoothing=smoothing),
+        ref=ref,
         aux=(_LABELS, _WEIGHT),
         aux_specs=(P(), P()),
         out_spec=P(),
@@ -155,6 +164,7 @@ CASES = {
         *(_normalizer_case(n, m) for n in ("softmax", "log_softmax", "logsumexp") for m in (0, 1)),
         _labels_case(SMOOTHING),
         _labels_case(0.0),
+        _labels_case(SMOOTHING, weighted=False),
         _probs_case(),
     )
 }

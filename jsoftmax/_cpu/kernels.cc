@@ -550,13 +550,16 @@ void backward_from_input_row(const typename S::T* x, const typename S::T* g, typ
   }
 }
 
-// cross_entropy over rows (integer labels, no label smoothing; _cross_entropy.py decides).
+// cross_entropy over rows (integer labels; label smoothing without class weights;
+// _cross_entropy.py decides).
 //
-// Forward: each row's statistics (shift, log_normalizer) in float32, by the XLA path's exact rules
-// (_formula.shifted_input and exp_sum): shift = the row maximum, log_normalizer = log(sum(exp(x -
-// shift))) with the sum reduced from FLT_MIN; a row of nothing but -inf gets the shift of the
-// storage type's lowest finite value and log(FLT_MIN); a row holding +inf (and no NaN) gets +inf
-// and log(k) for its k +inf entries; a row holding NaN gets NaN for both.
+// Forward: each row's statistics (shift, log_normalizer, shifted_sum) in float32, by the XLA
+// path's exact rules (_formula.shifted_input and exp_sum): shift = the row maximum,
+// log_normalizer = log(sum(exp(x - shift))) with the sum reduced from FLT_MIN, shifted_sum =
+// sum(x - shift) (label smoothing's term; +inf entries count 0). A row of nothing but -inf gets
+// the shift of the storage type's lowest finite value, log(FLT_MIN) and -inf; a row holding +inf
+// (and no NaN) gets +inf, log(k) for its k +inf entries, and -inf unless every entry is +inf
+// (then 0); a row holding NaN gets NaN for all three.
 template <class S>
 void ce_stats_row(const typename S::T* x, int64_t n, float* scratch, float* out,
                   const typename S::T* next) {
@@ -564,40 +567,51 @@ void ce_stats_row(const typename S::T* x, int64_t n, float* scratch, float* out,
   float m = 0.0f;
   switch (scan_row<S>(x, n, &m, kWide ? nullptr : scratch)) {
     case RowKind::kNaN:
-      out[0] = out[1] = kNaN;
+      out[0] = out[1] = out[2] = kNaN;
       return;
     case RowKind::kEmpty:
       out[0] = S::kLowest;
       out[1] = float(std::log(double(std::numeric_limits<float>::min())));
+      out[2] = -kInf;
       return;
     case RowKind::kPosInf: {
       int64_t k = 0;
       for (int64_t i = 0; i < n; ++i) k += S::to_float(x[i]) == kInf;
       out[0] = kInf;
       out[1] = float(std::log(double(k)));
+      out[2] = k == n ? 0.0f : -kInf;
       return;
     }
     case RowKind::kNormal:
       break;
   }
   const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
-  const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+  vi iota;
+  for (int i = 0; i < kLanes; ++i) iota[i] = i;
+  double sum = 0.0, shifted_sum = 0.0;
+  blocked_sum2(n, &sum, &shifted_sum, [&](int64_t i, int64_t count, vf* e_out, vf* d_out) {
     if (next != nullptr) __builtin_prefetch(next + i);
-    return vexp(load_block<F32>(xf + i, count, -kInf) - m);
+    const vf d = load_block<F32>(xf + i, count, -kInf) - m;
+    *e_out = vexp(d);
+    *d_out = count == kLanes ? d : ((iota < int32_t(count)) ? d : splat(0.0f));
   });
   // A NaN among finite entries makes the sum NaN: the row's shift is NaN too, as the XLA
   // path's maximum propagates it.
-  out[0] = sum == sum ? m : kNaN;
+  const bool nan = sum != sum;
+  out[0] = nan ? kNaN : m;
   out[1] = float(std::log(sum));
+  out[2] = nan ? kNaN : float(shifted_sum);
 }
 
-// Backward, the gradient of row r's loss times its cotangent: dx = scale * (p - onehot(code)),
-// p = exp(((x == +inf) ? 0 : x - shift) - log_normalizer); 0 at -inf logits (masked classes,
-// constants). `scale` is the cotangent times the label's weight; code -1 marks an ignored row
-// (all 0, even at NaN logits), -2 a label out of range (all NaN).
+// Backward, the gradient of row r's loss times its cotangent:
+// dx = scale * (p - label_mass * onehot(code) - uniform), p = exp(((x == +inf) ? 0 : x - shift)
+// - log_normalizer); 0 at -inf logits (masked classes, constants). `scale` is the cotangent times
+// the row's target mass; code -1 marks an ignored row (all 0, even at NaN logits), -2 a label out
+// of range (all NaN). `stats` holds shift and log_normalizer.
 template <class S>
 void ce_backward_row(const typename S::T* x, const float* stats, float scale, int32_t code,
-                     typename S::T* dx, int64_t n, const typename S::T* next) {
+                     float label_mass, float uniform, typename S::T* dx, int64_t n,
+                     const typename S::T* next) {
   if (code < 0) return fill_row<S>(dx, n, code == -1 ? 0.0f : kNaN);
   const float shift = stats[0], log_normalizer = stats[1];
   vi iota;
@@ -606,8 +620,9 @@ void ce_backward_row(const typename S::T* x, const float* stats, float scale, in
     if (next != nullptr) __builtin_prefetch(next + i);
     const vf shifted = (v == kInf) ? splat(0.0f) : v - shift;
     vf probs = vexp(shifted - log_normalizer);
-    probs = ((iota + int32_t(i)) == code) ? probs - 1.0f : probs;  // exact for p >= 1/2
-    store_block<S>(dx + i, (v == -kInf) ? splat(0.0f) : scale * probs, count);
+    // p - 1 is exact for p >= 1/2 (no label smoothing).
+    probs = ((iota + int32_t(i)) == code) ? probs - label_mass : probs;
+    store_block<S>(dx + i, (v == -kInf) ? splat(0.0f) : scale * (probs - uniform), count);
   });
 }
 
@@ -906,13 +921,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::AnyBuffer y, ffi::AnyBuffer g,
   });
 }
 
-// cross_entropy: x [..., n] -> stats [..., 2] (float32 shift, log_normalizer), and
-// (x, stats, scale [...], code [...]) -> dx [..., n].
+// cross_entropy: x [..., n] -> stats [..., 3] (float32 shift, log_normalizer, shifted_sum), and
+// (x, stats [..., 2] (shift, log_normalizer), scale [...], code [...]) -> dx [..., n], with the
+// attributes label_mass and uniform.
 ffi::Error CrossEntropyStats(ffi::ThreadPool pool, ffi::AnyBuffer x,
                              ffi::Result<ffi::Buffer<ffi::F32>> stats) {
   const Layout l = layout_of(x, false);
   if (l.units == 0) return ffi::Error::Success();
-  if (int64_t(stats->element_count()) != 2 * l.units)
+  if (int64_t(stats->element_count()) != 3 * l.units)
     return ffi::Error::InvalidArgument("jsoftmax CPU kernel: statistics of the wrong shape");
   return with_storage(x.element_type(), [&](auto storage) {
     using S = decltype(storage);
@@ -922,7 +938,7 @@ ffi::Error CrossEntropyStats(ffi::ThreadPool pool, ffi::AnyBuffer x,
     parallel_rows(pool, l.units, l.n, [&](int64_t r0, int64_t r1) {
       std::vector<float> scratch(std::is_same_v<T, float> ? 0 : l.n);
       for (int64_t r = r0; r < r1; ++r)
-        ce_stats_row<S>(xp + r * l.n, l.n, scratch.data(), sp + 2 * r,
+        ce_stats_row<S>(xp + r * l.n, l.n, scratch.data(), sp + 3 * r,
                         r + 1 < r1 ? xp + (r + 1) * l.n : nullptr);
     });
   });
@@ -930,7 +946,8 @@ ffi::Error CrossEntropyStats(ffi::ThreadPool pool, ffi::AnyBuffer x,
 
 ffi::Error CrossEntropyBackward(ffi::ThreadPool pool, ffi::AnyBuffer x,
                                 ffi::Buffer<ffi::F32> stats, ffi::Buffer<ffi::F32> scale,
-                                ffi::Buffer<ffi::S32> code, ffi::Result<ffi::AnyBuffer> dx) {
+                                ffi::Buffer<ffi::S32> code, float label_mass, float uniform,
+                                ffi::Result<ffi::AnyBuffer> dx) {
   const Layout l = layout_of(x, false);
   if (l.units == 0) return ffi::Error::Success();
   if (int64_t(stats.element_count()) != 2 * l.units ||
@@ -947,7 +964,8 @@ ffi::Error CrossEntropyBackward(ffi::ThreadPool pool, ffi::AnyBuffer x,
     advise_huge_pages(dp, dx->size_bytes());
     parallel_rows(pool, l.units, l.n, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        ce_backward_row<S>(xp + r * l.n, sp + 2 * r, cp[r], kp[r], dp + r * l.n, l.n,
+        ce_backward_row<S>(xp + r * l.n, sp + 2 * r, cp[r], kp[r], label_mass, uniform,
+                           dp + r * l.n, l.n,
                            r + 1 < r1 ? xp + (r + 1) * l.n : nullptr);
     });
   });
@@ -1045,4 +1063,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jsoftmax_cross_entropy_bwd, CrossEntropyBackward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("label_mass")
+                                  .Attr<float>("uniform")
                                   .Ret<ffi::AnyBuffer>());
