@@ -22,9 +22,9 @@ On CPU, for integer labels along the last axis (label smoothing only without cla
 ``_label_kernels``), two kernels do the logits-sized work: the row statistics
 (``_primitives.label_statistics``, one read of the logits) and, in reverse mode, the gradient
 times the per-row cotangent (the transpose of ``_primitives.label_tangent``, one read and one
-write). The tangent map is a primitive there
-because a kernel computing the gradient alone would leave XLA's transpose of the contraction, a
-multiply by the cotangent, as another pass over the logits.
+write). The tangent map is a primitive there because a kernel computing the gradient alone would
+leave XLA's transpose of the contraction, a multiply by the cotangent, as another pass over the
+logits.
 """
 
 from __future__ import annotations
