@@ -24,8 +24,9 @@ Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-di
 (reverse mode becomes XLA's transpose of the tangent rule) and gets its primal inlined and
 differentiated under ``lax.scan``'s linearization. With primitives, forward mode is
 ``normalize_p``'s JVP rule (``tangent_p``), reverse mode is ``tangent_p``'s transpose, which saves
-one array (the output ``y``; on the CPU kernel path the input ``x``), and every transformation
-(``vmap``, ``scan``, ``checkpoint``, ``shard_map``, higher orders) composes the registered rules.
+one array (the output ``y``; on the CPU kernel path the float32 input ``x``), and every
+transformation (``vmap``, ``scan``, ``checkpoint``, ``shard_map``, higher orders) composes the
+registered rules.
 
 Which implementation runs is decided here, per platform, when lowering: on CPU the hand-written
 kernels of ``_kernel.py`` where the bind-time check allowed them (param ``kernel``); on CUDA the
@@ -292,13 +293,21 @@ def _normalize_jvp(primals, tangents, **params):
     if type(t) is ad.Zero:
         return y, _zero_like(y)
     masked = len(primals) > 1
-    # With the CPU kernels the tangent map starts from the input (a kernel recomputes the output
-    # row by row, in cache), so reverse mode saves x, not y: under `jit(vjp)` with only the
-    # gradient used, the forward kernel is dead code and one kernel reads x and g and writes dx.
+    # With the CPU kernels and float32 the tangent map starts from the input (a kernel recomputes
+    # the output row by row, in cache), so reverse mode saves x, not y: under `jit(vjp)` with only
+    # the gradient used, the forward kernel is dead code and one kernel reads x and g and writes
+    # dx. 16-bit storage saves y: there the recomputation (conversions, the exp) costs more than
+    # the bytes it saves; the backward pass from y ran 1.2-1.8x faster, the output and the
+    # gradient together 1.04-1.4x faster, a gradient alone 1.2-1.8x slower (benchmarks/NOTES.md).
     # Masked calls keep the output (their rule reads y == 0). Only where the computation runs on
     # CPU: `kernel` is also set on a GPU host (it has one CPU device), whose lowering takes the
     # formulas, and there saving x would only add a recomputation of y.
-    from_input = params["kernel"] and not masked and jax.default_backend() == "cpu"
+    from_input = (
+        params["kernel"]
+        and not masked
+        and jnp.dtype(primals[0].dtype).itemsize >= 4
+        and jax.default_backend() == "cpu"
+    )
     first = primals[0] if from_input else y
     return y, tangent_p.bind(
         first, t, masked=masked, transposed=False, from_input=from_input, **params

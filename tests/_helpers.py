@@ -37,6 +37,13 @@ def np_dtype(name: str) -> Any:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
+def reverse_kernel(name: str, dtype: Any, *, masked: bool = False, suffix: str = "") -> str:
+    """The CPU backward kernel JAX's reverse mode runs for ``name`` (softmax or log_softmax): an
+    unmasked float32 call saves the input and starts from it, a 16-bit or masked one the output."""
+    from_input = not masked and jnp.dtype(dtype).itemsize >= 4
+    return f"jsoftmax_{name}_bwd{'_from_input' if from_input else ''}{suffix}"
+
+
 def random_logits(shape: tuple[int, ...], dtype: str = "float32", seed: int = 0, scale=3.0):
     """Deterministic normal logits as a jax array of ``dtype``."""
     rng = np.random.default_rng(seed)

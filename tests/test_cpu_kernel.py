@@ -37,11 +37,18 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import enable_x64, ref_log_softmax, ref_softmax, relative_error, to_f64
+from _helpers import (
+    enable_x64,
+    ref_log_softmax,
+    ref_softmax,
+    relative_error,
+    reverse_kernel,
+    to_f64,
+)
 from jax import lax
 
 import jsoftmax
-from jsoftmax import _kernel
+from jsoftmax import _kernel, _primitives
 from jsoftmax._primitives import vjp_from_output
 
 ENV = "JSOFTMAX_CPU_KERNEL"
@@ -84,6 +91,39 @@ def _value_and_vjp(monkeypatch, mode, name, x, g, axis=-1):
     lowered = jax.jit(value_and_vjp).lower(x, g)
     y, dx = lowered.compile()(x, g)
     return _np(y), _np(dx), lowered.as_text()
+
+
+def _vjp_from_input(x, g, *, axes, log):
+    """The backward kernel that starts from the input, at any dtype (JAX's reverse mode takes it
+    for float32 only)."""
+    return _primitives.tangent_p.bind(
+        x, g, axes=axes, axis_name=None, log=log, masked=False, kernel=True, transposed=True,
+        from_input=True,
+    )  # fmt: skip
+
+
+def _both_backward_kernels(monkeypatch, name, x, y, g, axis=-1):
+    """dx from each backward kernel, called directly: (from the input x, from the output y).
+    JAX's reverse mode runs one of them (from x for float32, from y for 16-bit storage), the
+    torch side the one from y; both stay checked at every dtype."""
+    monkeypatch.setenv(ENV, "on")
+    if axis is None:
+        axes = tuple(range(x.ndim))
+    else:
+        axes = tuple(sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
+    log = name != "softmax"
+    from_x = jax.jit(partial(_vjp_from_input, axes=axes, log=log)).lower(x, g)
+    from_y = jax.jit(partial(vjp_from_output, axes=axes, log=log)).lower(y, g)
+    suffix = "_columns" if _kernel._layout(x.shape, axes)[2] != 1 else ""
+    assert _targets(from_x.as_text()) == {f"jsoftmax_{name}_bwd_from_input{suffix}"}
+    assert _targets(from_y.as_text()) == {f"jsoftmax_{name}_bwd{suffix}"}
+    return _np(from_x.compile()(x, g)), _np(from_y.compile()(y, g))
+
+
+def _reverse_pass(name, dtype):
+    """The backward pass JAX's reverse mode lowers for an unmasked call: "bwd_from_input" or
+    "bwd" (the target's name after ``jsoftmax_<name>_``)."""
+    return reverse_kernel(name, dtype).removeprefix(f"jsoftmax_{name}_")
 
 
 def _assert_switched(name, hlo_on, hlo_off, passes=("fwd", "bwd_from_input"), optional=()):
@@ -267,8 +307,9 @@ def _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed, columns
     y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
     y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
     suffix = "_columns" if columns else ""
-    # Reverse mode saves the input: the backward kernel starts from x.
-    expected = {f"jsoftmax_{name}_fwd{suffix}", f"jsoftmax_{name}_bwd_from_input{suffix}"}
+    # Reverse mode saves the input for float32 (the backward kernel starts from x), the output
+    # for 16-bit storage.
+    expected = {f"jsoftmax_{name}_fwd{suffix}", reverse_kernel(name, dtype, suffix=suffix)}
     assert _targets(hlo_on) == expected, f"mode on lowered {_targets(hlo_on)}, not {expected}"
     assert not _targets(hlo_off), f"mode off still lowered {_targets(hlo_off)}"
     assert y_on.dtype == y_off.dtype == x.dtype and y_on.shape == shape
@@ -276,6 +317,9 @@ def _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed, columns
     _assert_close(y_on, y_off, _forward_bound(name, y_off, axis), dtype, f"{name} forward")
     bwd_bound = _backward_bound(name, y_off, g, axis, dtype)
     _assert_close(dx_on, dx_off, bwd_bound, dtype, f"{name} vjp")
+    both = _both_backward_kernels(monkeypatch, name, x, y_on, g, axis)
+    for dx, source in zip(both, "xy", strict=True):
+        _assert_close(dx, dx_off, bwd_bound, dtype, f"{name} vjp from {source}")
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -329,13 +373,16 @@ def test_kernel_matches_xla_path_on_edge_rows(monkeypatch, name, dtype):
     g = _logits(x.shape, dtype, seed=3, scale=1.0)
     y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g)
     y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g)
-    _assert_switched(name, hlo_on, hlo_off)
+    _assert_switched(name, hlo_on, hlo_off, ("fwd", _reverse_pass(name, dtype)))
+    dx_from_x, dx_from_y = _both_backward_kernels(monkeypatch, name, x, y_on, g)
     fwd_bound = _forward_bound(name, y_off, -1)
     bwd_bound = _backward_bound(name, y_off, g, -1, dtype)
     for row, row_name in enumerate(row_names):
         what = f"{name} {dtype} row {row_name!r}"
         _assert_close(y_on[row], y_off[row], fwd_bound[row], dtype, f"{what} forward")
         _assert_close(dx_on[row], dx_off[row], bwd_bound[row], dtype, f"{what} vjp")
+        _assert_close(dx_from_x[row], dx_off[row], bwd_bound[row], dtype, f"{what} from x")
+        _assert_close(dx_from_y[row], dx_off[row], bwd_bound[row], dtype, f"{what} from y")
 
 
 # Column kernels: a block of reduced axes followed by at least 16 entries ([outer, n, inner]).
@@ -534,18 +581,15 @@ def test_long_reduction_accuracy(monkeypatch, shape, axis, dtype):
         errors, shares = {}, {}
         for mode in ("on", "off"):
             y, dx, hlo = _value_and_vjp(monkeypatch, mode, name, x, g, axis)
-            expected = {f"jsoftmax_{name}_{which}{suffix}" for which in ("fwd", "bwd_from_input")}
+            backward = reverse_kernel(name, dtype, suffix=suffix)
+            expected = {f"jsoftmax_{name}_fwd{suffix}", backward}
             assert _targets(hlo) == (expected if mode == "on" else set()), _targets(hlo)
-            # Both backward kernels: from the input (JAX's reverse mode, above) and from the
-            # kernel's output (the torch side's, which saves y).
-            dx_from_y = dx
+            # Both backward kernels, whichever reverse mode ran above: from the input (float32's
+            # reverse mode) and from the output (16-bit's, and the torch side's).
+            dx_from_x = dx_from_y = dx
             if mode == "on":
-                axes = tuple(range(len(shape))) if axis is None else (axis % len(shape),)
-                from_y = jax.jit(partial(vjp_from_output, axes=axes, log=name != "softmax"))
-                lowered = from_y.lower(y, g)
-                assert _targets(lowered.as_text()) == {f"jsoftmax_{name}_bwd{suffix}"}
-                dx_from_y = lowered.compile()(y, g)
-            pairs = ((y, exact_y), (dx, exact_dx), (dx_from_y, exact_dx))
+                dx_from_x, dx_from_y = _both_backward_kernels(monkeypatch, name, x, y, g, axis)
+            pairs = ((y, exact_y), (dx_from_x, exact_dx), (dx_from_y, exact_dx))
             errors[mode] = tuple(relative_error(a, b) for a, b in pairs)
             if dtype in LOW_PRECISION:
                 shares[mode] = tuple(_misrounded_share(a, b) for a, b in pairs)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
-from _helpers import np_dtype, to_f64
+from _helpers import np_dtype, reverse_kernel, to_f64
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -193,10 +193,13 @@ def test_kernels_xla_path_and_float64_agree(case):
     runs = {mode: _run(mode, x, g, axis, where) for mode in ("on", "off")}
     assert not runs["off"][1]
     if expected_kernel:
-        # Unmasked, reverse mode saves x and the backward kernel starts from it; masked, y.
-        backward = "bwd" if where is not None else "bwd_from_input"
+        # Unmasked float32, reverse mode saves x and the backward kernel starts from it; masked
+        # or 16-bit, y.
+        masked = where is not None
         assert {t.replace("_columns", "") for t in runs["on"][1]} == {
-            f"jsoftmax_{name}_{which}" for name in FUNCTIONS for which in ("fwd", backward)
+            kernel
+            for name in FUNCTIONS
+            for kernel in (f"jsoftmax_{name}_fwd", reverse_kernel(name, dtype, masked=masked))
         }, runs["on"][1]
     else:
         assert not runs["on"][1], runs["on"][1]
