@@ -442,9 +442,9 @@ void pos_inf_row(const typename S::T* x, typename S::T* y, int64_t n, bool log) 
 }
 
 // How the pair passes split a row: entries [0, head) until the row is 64-byte aligned, then
-// whole pairs [head, head + bulk) whose 64-byte loads and stores never cross a cache line (rows
-// of 1000 bfloat16, split, ran 7% slower than with the float32 copy), then the rest. The edges
-// go one vector (or less) at a time.
+// whole pairs [head, head + bulk) whose 64-byte loads and stores never cross a cache line (the
+// softmax backward pass at 16384x1000 bfloat16, one thread: 3.5 ms unaligned, 3.3 aligned), then
+// the rest. The edges go one vector (or less) at a time.
 struct PairSplit {
   int64_t head, bulk;
 };
@@ -468,7 +468,7 @@ inline void for_edges(PairSplit split, int64_t n, F&& f) {
 // log_softmax's passes after the scan, for storage with load_pair / store_pair (bfloat16 with
 // AVX512-BF16): both read the row in its 16-bit form, two vectors at a time, with no float32
 // copy (for long rows the copy doubled what the passes read from L2: 256x32768, one thread,
-// 3.4 ms before); the last < 2 kLanes entries one vector at a time.
+// 3.5 ms with it, 3.0 without).
 template <class S>
 void log_forward_pairs(const typename S::T* x, typename S::T* y, int64_t n, float m,
                        const typename S::T* next) {
