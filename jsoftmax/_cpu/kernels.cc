@@ -258,8 +258,8 @@ struct F16 {
 };
 
 // Partial blocks (the last < kLanes entries of a row): padded loads, prefix stores. AVX-512:
-// masked loads and stores (the entries past `count` are not touched); the element loops they
-// replace cost a third of the time of rows of 1000 bfloat16 entries.
+// masked loads and stores (the entries past `count` are not touched) instead of element loops
+// (16384x1000 bfloat16 and float16, one thread: forward and backward 5-8% faster).
 template <class S>
 vf load_part(const typename S::T* p, int64_t count, float pad) {
 #if defined(__AVX512F__)
@@ -548,7 +548,7 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
 }
 
 // softmax's backward pass for storage with load_pair / store_pair (bfloat16 with AVX512-BF16),
-// two vectors of a row at a time; the last < 2 kLanes entries as in backward_row.
+// two vectors of a row at a time; the edges of pair_split one vector at a time.
 template <class S>
 void softmax_backward_pairs(const typename S::T* y, const typename S::T* g, typename S::T* dx,
                             int64_t n) {
