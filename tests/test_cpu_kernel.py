@@ -127,8 +127,9 @@ def _reverse_pass(name, dtype):
 
 
 def _assert_switched(name, hlo_on, hlo_off, passes=("fwd", "bwd_from_input"), optional=()):
-    # JAX's reverse mode saves the input and runs the backward kernel that starts from it; the
-    # torch side keeps the output and runs the one that starts from y ("bwd"). ``optional``:
+    # For float32, JAX's reverse mode saves the input and runs the backward kernel that starts
+    # from it (the default ``passes``); 16-bit storage and the torch side keep the output and run
+    # the one that starts from y ("bwd": callers pass ``_reverse_pass``). ``optional``:
     # targets JAX may drop before lowering (the forward kernel when only a gradient is used).
     expected = {f"jsoftmax_{name}_{which}" for which in passes}
     allowed = expected | {f"jsoftmax_{name}_{which}" for which in optional}
