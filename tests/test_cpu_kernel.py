@@ -50,6 +50,7 @@ from jax import lax
 import jsoftmax
 from jsoftmax import _kernel, _primitives
 from jsoftmax._primitives import vjp_from_output
+from jsoftmax._validation import normalize_axes
 
 ENV = "JSOFTMAX_CPU_KERNEL"
 FUNCTIONS = {"softmax": jsoftmax.softmax, "log_softmax": jsoftmax.log_softmax}
@@ -107,10 +108,7 @@ def _both_backward_kernels(monkeypatch, name, x, y, g, axis=-1):
     JAX's reverse mode runs one of them (from x for float32, from y for 16-bit storage), the
     torch side the one from y; both stay checked at every dtype."""
     monkeypatch.setenv(ENV, "on")
-    if axis is None:
-        axes = tuple(range(x.ndim))
-    else:
-        axes = tuple(sorted(a % x.ndim for a in (axis if isinstance(axis, tuple) else (axis,))))
+    axes = normalize_axes(axis, x.ndim, name)
     log = name != "softmax"
     from_x = jax.jit(partial(_vjp_from_input, axes=axes, log=log)).lower(x, g)
     from_y = jax.jit(partial(vjp_from_output, axes=axes, log=log)).lower(y, g)
