@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--no-compile", action="store_true", help="leave torch.compile out")
     add("--budget", type=float, help="seconds of samples per case (default: 0.25 quick, 1 full)")
     add(
+        "--settle",
+        type=float,
+        help="seconds of idling before each sample (default: 0.01 on CPU, 0 on GPU; 0: none)",
+    )
+    add(
         "--time-limit",
         type=float,
         help="seconds after which no new case or section starts (default: none)",
@@ -157,6 +162,9 @@ def config_from_args(argv: Sequence[str]) -> tuple[RunConfig, argparse.Namespace
     if args.budget is not None and args.budget <= 0:
         parser.error(f"--budget expected a positive number of seconds, got {args.budget}")
     config.budget_s = args.budget
+    if args.settle is not None and not 0 <= args.settle <= 1:
+        parser.error(f"--settle expected seconds from 0 to 1, got {args.settle}")
+    config.settle_s = args.settle
     return config, args
 
 

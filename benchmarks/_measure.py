@@ -8,6 +8,17 @@ threads keep spinning on the cores after a call returns), and a rotation keeps t
 neighbours in every round, so the contender after torch would always pay for it. The first call
 (tracing, compiling, first touch) is timed apart; warm-up calls take every input of the rotation
 pool through once.
+
+Shuffling spreads those effects but does not remove them, and they are not even: on a 2-core
+CPU, torch's OpenMP workers spin for 5-10 ms after a call returns (libgomp's spin count), so
+the contender sampled next loses a core for that long (64x4096 log_softmax, a jsoftmax sample
+of 50 calls: 107 us a call after torch, 72 after jax.nn; torch after jsoftmax 94, after torch
+87). On CPU each sample therefore starts after ``settle_s`` of idling, long enough for those
+workers to stop (7.5 ms was here), and, when it is made of several calls, with one untimed call
+that wakes the contender's own threads after the idle time (without it, 20 ms of idling made the
+next jsoftmax sample 40% slower). Each contender is then measured in its own steady state, as a
+program that calls only it would see it; a program that interleaves torch and JAX calls pays
+the cost above, which a run with ``--settle 0`` shows.
 """
 
 from __future__ import annotations
@@ -59,8 +70,13 @@ def pool_size(entry_bytes: int, rotate_bytes: int) -> int:
     return max(1, min(64, math.ceil(rotate_bytes / max(entry_bytes, 1))))
 
 
-def _sample(runner: Runner, inner: int, sync_each: bool) -> float:
-    """Seconds per call over ``inner`` back-to-back calls."""
+def _sample(runner: Runner, inner: int, sync_each: bool, settle_s: float = 0.0) -> float:
+    """Seconds per call over ``inner`` back-to-back calls, after ``settle_s`` of idling and, for
+    ``inner > 1``, one untimed call."""
+    if settle_s > 0:
+        time.sleep(settle_s)
+        if inner > 1:
+            runner.sync(runner.step())
     if runner.cuda_events:
         import torch
 
@@ -93,6 +109,7 @@ def measure(
     rounds: tuple[int, int],
     sync_each: bool = True,
     sample_s: float = 0.004,
+    settle_s: float = 0.0,
     keep_samples: bool = False,
 ) -> list[dict[str, Any]]:
     """Times the runners round-robin, shuffled each round; one row per runner, in order.
@@ -103,6 +120,8 @@ def measure(
         clamped to ``rounds = (fewest, most)``.
       sync_each: wait for each call (CPU latency); False on GPU (a sample waits once).
       sample_s: a sample repeats a fast call until it lasts about this long.
+      settle_s: seconds of idling before each sample (then one untimed call where the sample
+        repeats the call): what the previous contender left running stops first.
       keep_samples: keep the raw per-call samples in the rows.
 
     Returns:
@@ -143,7 +162,7 @@ def measure(
                 if rows[runner.name].get("error"):
                     continue
                 try:
-                    samples.append(_sample(runner, inner, sync_each))
+                    samples.append(_sample(runner, inner, sync_each, settle_s))
                 except Exception as err:
                     rows[runner.name] = {"contender": runner.name, "error": _error(err)}
     finally:

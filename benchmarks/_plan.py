@@ -100,6 +100,7 @@ class RunConfig:
     sections: tuple[str, ...] | None = None
     torch_compile: bool = True
     budget_s: float | None = None
+    settle_s: float | None = None
     time_limit_s: float | None = None
     out: Path | None = Path("bench-results")
     plots: bool = True
@@ -125,6 +126,13 @@ class RunConfig:
     def budget(self) -> float:
         """Seconds of interleaved samples per case, all contenders together."""
         return self.budget_s if self.budget_s is not None else 0.25 if self.quick else 1.0
+
+    def settle(self) -> float:
+        """Seconds of idling before each sample (see benchmarks/_measure.py): 10 ms on CPU, where
+        torch's OpenMP workers spin for 5-10 ms after a call; none on GPU or in a smoke run."""
+        if self.settle_s is not None:
+            return self.settle_s
+        return 0.01 if self.device == "cpu" and not self.smoke else 0.0
 
     def rounds(self) -> tuple[int, int]:
         """Fewest and most samples per contender and case."""

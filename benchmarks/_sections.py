@@ -87,7 +87,12 @@ class Context:
         self, runners: Iterable[Any], fields: dict[str, Any], at: str = "  ", **options: Any
     ) -> Rows:
         """Times runners (or ``(name, error)`` pairs) interleaved; rows carry ``fields``."""
-        options = {"budget_s": self.config.budget(), "rounds": self.config.rounds(), **options}
+        options = {
+            "budget_s": self.config.budget(),
+            "rounds": self.config.rounds(),
+            "settle_s": self.config.settle(),
+            **options,
+        }
         rows = measure(
             list(runners),
             sync_each=not self.target.gpu,
@@ -465,7 +470,8 @@ def _loss_accuracy(ctx: Context) -> None:
 def plain(ctx: Context) -> None:
     """The plain harness: ``jax.jit(f)(x)`` on one fixed ``x`` (no rotation), and the gradient
     ``jax.jit(lambda x, g: jax.vjp(f, x)[1](g))``, against jax.nn jitted alike and torch eager;
-    medians of 7 interleaved rounds, float32, the headline shapes."""
+    medians of 7 interleaved rounds with no idling between samples (as a harness written apart
+    from the project would run them), float32, the headline shapes."""
     rng = np.random.default_rng(ctx.config.seed + 4)
     for shape in ctx.pick([(64, 4096)], HEADLINE_SHAPES, HEADLINE_SHAPES):
         host = rng.standard_normal(shape, dtype=np.float32) * np.float32(3.0)
@@ -493,7 +499,7 @@ def plain(ctx: Context) -> None:
                     "pass": pass_,
                 }
                 fields |= {"shape": list(shape), "axis": 1, "dtype": "float32"}
-                ctx.time(runners, fields, budget_s=0.0, rounds=(7, 7))
+                ctx.time(runners, fields, budget_s=0.0, rounds=(7, 7), settle_s=0.0)
 
 
 def _plain_torch(ctx: Context, op: str, pass_: str, host: np.ndarray) -> Callable[[], Any]:
@@ -634,6 +640,7 @@ def run(
         "sections": config.resolved_sections(),
         "dtypes": config.resolved_dtypes(),
         "budget_s": config.budget(),
+        "settle_s": config.settle(),
         "rounds": config.rounds(),
         "rotate_bytes": target.rotate_bytes,
     }

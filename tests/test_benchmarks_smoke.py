@@ -332,6 +332,29 @@ def test_measure_gives_every_runner_every_predecessor():
     assert {(p, n) for p in names for n in names if p != n} <= pairs
 
 
+def test_samples_start_after_idling_and_one_untimed_call(monkeypatch):
+    # settle_s: idle first (what the previous contender left spinning stops), then, for a
+    # sample of several calls, one call outside the timing wakes the contender's own threads.
+    slept: list[float] = []
+    monkeypatch.setattr(_measure.time, "sleep", slept.append)
+    calls: list[int] = []
+    runner = _measure.Runner("a", lambda: calls.append(1))
+    for inner, settle_s, expected_calls, expected_sleeps in [
+        (3, 0.0, 3, []),
+        (3, 0.01, 4, [0.01]),
+        (1, 0.01, 1, [0.01]),  # a call long enough to fill a sample alone: no extra call
+    ]:
+        calls.clear(), slept.clear()
+        _measure._sample(runner, inner, True, settle_s)
+        assert (len(calls), slept) == (expected_calls, expected_sleeps)
+    slept.clear()
+    runners = [_measure.Runner(n, lambda: None) for n in "ab"]
+    _measure.measure(runners, budget_s=0.0, rounds=(3, 3), sample_s=0.0, settle_s=0.02)
+    assert slept == [0.02] * 6
+    configs = [_plan.RunConfig(), _plan.RunConfig(device="gpu"), _plan.RunConfig(smoke=True)]
+    assert [c.settle() for c in configs] == [0.01, 0.0, 0.0]
+
+
 def test_plans_fit_the_device_and_the_mode():
     quick = _plan.plan_cases(_plan.RunConfig(quick=True))
     keys = [(c.op, c.shape, c.dtype, c.pass_) for c in quick]
@@ -416,6 +439,7 @@ def test_device_gpu_without_a_gpu_is_a_clear_error():
         (["--only", "everything"], "--only expected a comma list of"),
         (["--contenders", "numpy"], "--contenders expected a comma list of"),
         (["--budget", "0"], "--budget expected a positive number of seconds"),
+        (["--settle", "-1"], "--settle expected seconds from 0 to 1"),
         (["--shapes", "8x8", "--axis", "2"], "--axis expected a valid axis"),
     ],
 )
