@@ -1,12 +1,16 @@
 """The primitives behind softmax, log_softmax and logsumexp, and every rule JAX needs for them.
 
-Three primitives:
+Four primitives:
 
 * ``normalize_p(x[, where])``: softmax or log_softmax (param ``log``), with an optional mask.
-* ``tangent_p(y, t)``: the Jacobian at output ``y`` applied to ``t``, or its transpose (param
-  ``transposed``); with param ``from_input`` the first operand is the input ``x`` instead (the
-  CPU kernels recompute the output row by row). Linear in ``t``; its transpose is itself with
-  ``transposed`` flipped.
+* ``tangent_p(y, t[, mode])``: the Jacobian at output ``y`` applied to ``t``, or its transpose
+  (param ``transposed``); with param ``from_input=True`` the first operand is the input ``x``
+  instead (the CPU kernels recompute the output row by row), with ``from_input="mode"`` it is
+  whichever ``residual_p`` gave, as its int32 scalar ``mode`` says (1: the input). Linear in
+  ``t``; its transpose is itself with ``transposed`` flipped.
+* ``residual_p(x)``: ``(y, residual, mode)`` for the CPU kernels' float32 reverse mode: the
+  output twice and 0, or, once jit's dead-code elimination finds the output unused, the input
+  twice and 1 (``_residual_dce``).
 * ``logsumexp_p(x[, where])``: the log-normaliser, with the reduced axes kept.
 
 And two for cross_entropy with integer labels over the last axis, so that its CPU kernels compute
@@ -24,7 +28,8 @@ Why primitives rather than ``jax.custom_vjp``: a custom_vjp cannot be forward-di
 (reverse mode becomes XLA's transpose of the tangent rule) and gets its primal inlined and
 differentiated under ``lax.scan``'s linearization. With primitives, forward mode is
 ``normalize_p``'s JVP rule (``tangent_p``), reverse mode is ``tangent_p``'s transpose, which saves
-one array (the output ``y``; on the CPU kernel path the float32 input ``x``), and every
+one array (the output ``y``; on the CPU kernel path, in float32, the input ``x`` where the output
+is otherwise unused, with a scalar saying which), and every
 transformation (``vmap``, ``scan``, ``checkpoint``, ``shard_map``, higher orders) composes the
 registered rules.
 
@@ -50,10 +55,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
+from jax.interpreters import partial_eval as pe
 
 from . import _formula, _kernel
 
 normalize_p = Primitive("jsoftmax_normalize")
+residual_p = Primitive("jsoftmax_residual")
+residual_p.multiple_results = True
 tangent_p = Primitive("jsoftmax_tangent")
 logsumexp_p = Primitive("jsoftmax_logsumexp")
 label_stats_p = Primitive("jsoftmax_label_stats")
@@ -70,10 +78,14 @@ def _normalize_formula(x: jax.Array, *where: jax.Array, axes, axis_name, log, ke
 
 
 def _tangent_formula(
-    y, t, *, axes, axis_name, log, masked, kernel, transposed, from_input
+    y, t, *mode, axes, axis_name, log, masked, kernel, transposed, from_input
 ) -> jax.Array:
     del kernel
-    if from_input:  # the first operand is the input: the output first
+    if from_input == "mode":  # the operand is x where mode == 1, else y (residual_p)
+        y = jax.lax.cond(
+            mode[0] == 1, lambda x: _formula.normalize(x, axes, axis_name, log), lambda y: y, y
+        )
+    elif from_input:  # the first operand is the input: the output first
         y = _formula.normalize(y, axes, axis_name, log)
     return _formula.tangent(y, t, axes, axis_name, log, transposed, masked)
 
@@ -104,7 +116,30 @@ normalize_p.def_impl(_impl(_normalize_formula))
 tangent_p.def_impl(_impl(_tangent_formula))
 logsumexp_p.def_impl(_impl(_logsumexp_formula))
 normalize_p.def_abstract_eval(lambda x, *where, **_: x)
-tangent_p.def_abstract_eval(lambda y, t, **_: y)
+tangent_p.def_abstract_eval(lambda y, t, *mode, **_: y)
+
+
+def _residual_formula(x: jax.Array, *, source, **params: Any) -> list[jax.Array]:
+    """``(y, residual, mode)``: with ``source="output"`` the output twice and mode 0; with
+    ``source="input"`` (the output is dead: see _residual_dce) the input twice and mode 1."""
+    if source == "input":
+        return [x, x, jnp.int32(1)]
+    y = normalize_p.bind(x, **params)
+    return [y, y, jnp.int32(0)]
+
+
+def _scalar_aval(like: Any) -> Any:
+    """An int32 scalar with ``like``'s varying mesh axes (replicated where it is sharded)."""
+    changes: dict[str, Any] = {"shape": (), "dtype": jnp.dtype(jnp.int32)}
+    sharding: Any = getattr(like, "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if sharding is not None and spec is not None:
+        changes["sharding"] = sharding.update(spec=type(spec)())
+    return like.update(**changes)
+
+
+residual_p.def_impl(lambda x, **params: jax.jit(partial(_residual_formula, **params))(x))
+residual_p.def_abstract_eval(lambda x, **_: [x, x, _scalar_aval(x)])
 
 
 def _logsumexp_abstract(x: Any, *where: Any, axes, axis_name) -> Any:
@@ -196,7 +231,17 @@ def _normalize_cpu(x: jax.Array, *where: jax.Array, axes, axis_name, log, kernel
     return _kernel.call(_kernel_name(log, backward=False), axes, _formula.masked(x, *where))
 
 
-def _tangent_cpu(y, t, *, axes, axis_name, log, masked, kernel, transposed, from_input):
+def _tangent_cpu(y, t, *mode, axes, axis_name, log, masked, kernel, transposed, from_input):
+    if from_input == "mode":
+        # Under jit the mode is a constant once residual_p is lowered, and XLA keeps only the
+        # branch taken; called eagerly, the backward pass reads it.
+        params = dict(axes=axes, axis_name=axis_name, log=log, masked=masked, kernel=kernel)
+        params["transposed"] = transposed
+        return jax.lax.cond(
+            mode[0] == 1,
+            lambda: _tangent_cpu(y, t, from_input=True, **params),
+            lambda: _tangent_cpu(y, t, from_input=False, **params),
+        )
     # The backward kernels compute softmax's map (symmetric) and log_softmax's transposed map.
     t = t.astype(y.dtype)
     if log and not transposed:  # forward mode: the output, then the formula
@@ -255,6 +300,10 @@ def _lowering(formula: Any, special: Any | None = None, *, cpu: bool = False):
     return rule
 
 
+# residual_p binds normalize_p, which picks its own lowering per platform.
+mlir.register_lowering(residual_p, mlir.lower_fun(_residual_formula, multiple_results=True))
+
+
 for _primitive, _formula_fn in (
     (normalize_p, _normalize_formula),
     (tangent_p, _tangent_formula),
@@ -288,43 +337,50 @@ def _zero_like(primal: Any) -> Any:
 
 
 def _normalize_jvp(primals, tangents, **params):
-    y = normalize_p.bind(*primals, **params)
     t = tangents[0]  # the mask has none
     if type(t) is ad.Zero:
+        y = normalize_p.bind(*primals, **params)
         return y, _zero_like(y)
     masked = len(primals) > 1
-    # With the CPU kernels and float32 the tangent map starts from the input (a kernel recomputes
-    # the output row by row, in cache), so reverse mode saves x, not y: under `jit(vjp)` with only
-    # the gradient used, the forward kernel is dead code and one kernel reads x and g and writes
-    # dx. 16-bit storage saves y: there the recomputation (conversions, the exp) costs more than
-    # the bytes it saves; the backward pass from y ran 1.2-1.8x faster, the output and the
-    # gradient together 1.04-1.4x faster, a gradient alone 1.2-1.8x slower (benchmarks/NOTES.md).
-    # Masked calls keep the output (their rule reads y == 0). Only where the computation runs on
-    # CPU: `kernel` is also set on a GPU host (it has one CPU device), whose lowering takes the
-    # formulas, and there saving x would only add a recomputation of y.
+    # With the CPU kernels and float32, the output comes with a residual that is the output
+    # itself until jit's dead-code elimination finds the output unused (a gradient alone, a
+    # rematerialised call): then it becomes the input, the forward kernel goes, and one kernel
+    # reads x and g and writes dx, recomputing each row in cache (_residual_dce). Where the
+    # output is used, the backward kernel starts from it: no exponentials recomputed
+    # (softmax), no second read of x. An int32 scalar saved with the residual says which it is.
+    # 16-bit storage always saves y: there the recomputation (conversions, the exp) costs more
+    # than the bytes it saves (benchmarks/NOTES.md). Masked calls keep the output (their rule
+    # reads y == 0). Only where the computation runs on CPU: `kernel` is also set on a GPU host
+    # (it has one CPU device), whose lowering takes the formulas.
     from_input = (
         params["kernel"]
         and not masked
         and jnp.dtype(primals[0].dtype).itemsize >= 4
         and jax.default_backend() == "cpu"
     )
-    first = primals[0] if from_input else y
-    return y, tangent_p.bind(
-        first, t, masked=masked, transposed=False, from_input=from_input, **params
-    )
+    if from_input:
+        y, residual, mode = residual_p.bind(*primals, source="output", **params)
+        return y, tangent_p.bind(
+            residual, t, mode, masked=False, transposed=False, from_input="mode", **params
+        )
+    y = normalize_p.bind(*primals, **params)
+    return y, tangent_p.bind(y, t, masked=masked, transposed=False, from_input=False, **params)
 
 
 def _tangent_jvp(primals, tangents, **params):
-    y, t = primals
-    dy, dt = tangents
-    out = tangent_p.bind(y, t, **params)
+    y, t, *mode = primals
+    dy, dt = tangents[:2]  # the mode, an integer, has none
+    out = tangent_p.bind(y, t, *mode, **params)
     parts = []
     if type(dt) is not ad.Zero:
-        parts.append(tangent_p.bind(y, dt, **params))  # linear in t
+        parts.append(tangent_p.bind(y, dt, *mode, **params))  # linear in t
     if type(dy) is not ad.Zero:
         # The map's dependence on y (or x, from_input; second and higher derivatives): the
         # formula, differentiated.
-        parts.append(jax.jvp(lambda out_: _tangent_formula(out_, t, **params), (y,), (dy,))[1])
+        def of_first(out_: jax.Array) -> jax.Array:
+            return _tangent_formula(out_, t, *mode, **params)
+
+        parts.append(jax.jvp(of_first, (y,), (dy,))[1])
     if not parts:
         return out, _zero_like(out)
     return out, sum(parts[1:], parts[0])
@@ -381,16 +437,52 @@ ad.primitive_jvps[tangent_p] = _tangent_jvp
 ad.primitive_jvps[logsumexp_p] = _logsumexp_jvp
 
 
+def _residual_jvp(primals, tangents, *, source, **params):
+    # Differentiating a program that already holds residual_p (forward over reverse): its
+    # outputs' tangents, with the residual's the output's or the input's as `source` says.
+    (x,), (t,) = primals, tangents
+    outs = _residual_formula(x, source=source, **params)
+    if source == "input":
+        dy: Any = t
+    elif type(t) is ad.Zero:
+        dy = _zero_like(outs[0])
+    else:
+        dy = tangent_p.bind(
+            outs[0], t, masked=False, transposed=False, from_input=False, **params
+        )  # fmt: skip
+    return outs, [dy, dy, _zero_like(outs[2])]
+
+
+ad.primitive_jvps[residual_p] = _residual_jvp
+
+
+def _residual_dce(used_outputs: list[bool], eqn: Any) -> tuple[list[bool], Any]:
+    """Dead-code elimination (under jit, when lowering): if the output is dead but the residual
+    is not (a gradient whose output is never used), the residual becomes the input, so no
+    forward pass runs and the backward pass starts from x, recomputing each row in cache (one
+    kernel reads x and g and writes dx). If the output is used, it stays the residual and the
+    backward pass starts from it (no exponentials to recompute)."""
+    if not any(used_outputs):
+        return [False], None
+    if not used_outputs[0] and eqn.params["source"] == "output":
+        eqn = eqn.replace(params={**eqn.params, "source": "input"})
+    return [True], eqn
+
+
+pe.dce_rules[residual_p] = _residual_dce
+
+
 # ----------------------------------------------------------------------------------------------
 # reverse mode: the transpose of the tangent map, the hand-written backward pass
 
 
-def _tangent_transpose(cotangent, y, t, *, transposed, **params):
-    if ad.is_undefined_primal(y):
+def _tangent_transpose(cotangent, y, t, *mode, transposed, **params):
+    if ad.is_undefined_primal(y) or any(ad.is_undefined_primal(m) for m in mode):
         raise NotImplementedError("jsoftmax: the tangent map is linear in its tangent only")
     if type(cotangent) is ad.Zero:
-        return [None, ad.Zero(t.aval)]
-    return [None, tangent_p.bind(y, cotangent, transposed=not transposed, **params)]
+        return [None, ad.Zero(t.aval), *(None for _ in mode)]
+    back = tangent_p.bind(y, cotangent, *mode, transposed=not transposed, **params)
+    return [None, back, *(None for _ in mode)]
 
 
 ad.primitive_transposes[tangent_p] = _tangent_transpose
@@ -421,8 +513,29 @@ def _batch(primitive: Primitive, args, dims, *, axes, **params):
     return primitive.bind(*moved, axes=shifted_axes, **params), 0
 
 
-for _primitive in (normalize_p, tangent_p, logsumexp_p):
+for _primitive in (normalize_p, logsumexp_p):
     batching.primitive_batchers[_primitive] = partial(_batch, _primitive)
+
+
+def _batch_residual(args, dims, *, axes, **params):
+    (x,), (d,) = args, dims
+    moved = batching.bdim_at_front(x, d, x.shape[d])
+    outs = residual_p.bind(moved, axes=tuple(a + 1 for a in axes), **params)
+    return outs, [0, 0, None]  # the mode is one for the whole batch
+
+
+def _batch_tangent(args, dims, *, axes, **params):
+    y, t, *mode = args
+    if mode and dims[2] is not None:
+        raise NotImplementedError("jsoftmax: the residual's mode cannot be batched")
+    size = next(a.shape[d] for a, d in zip(args, dims, strict=False) if d is not None)
+    moved = [batching.bdim_at_front(a, d, size) for a, d in zip((y, t), dims, strict=False)]
+    shifted_axes = tuple(a + 1 for a in axes)
+    return tangent_p.bind(*moved, *mode, axes=shifted_axes, **params), 0
+
+
+batching.primitive_batchers[residual_p] = _batch_residual
+batching.primitive_batchers[tangent_p] = _batch_tangent
 
 
 def _batch_rows(primitive: Primitive, args, dims, **params):

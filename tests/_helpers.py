@@ -37,10 +37,13 @@ def np_dtype(name: str) -> Any:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def reverse_kernel(name: str, dtype: Any, *, masked: bool = False, suffix: str = "") -> str:
-    """The CPU backward kernel JAX's reverse mode runs for ``name`` (softmax or log_softmax): an
-    unmasked float32 call saves the input and starts from it, a 16-bit or masked one the output."""
-    from_input = not masked and jnp.dtype(dtype).itemsize >= 4
+def reverse_kernel(
+    name: str, dtype: Any, *, masked: bool = False, suffix: str = "", output_used: bool = True
+) -> str:
+    """The CPU backward kernel a jitted reverse pass runs for ``name`` (softmax or log_softmax):
+    from the output where it is used, masked or in 16-bit storage; from the input for an
+    unmasked float32 call whose output is dead (a gradient alone)."""
+    from_input = not masked and jnp.dtype(dtype).itemsize >= 4 and not output_used
     return f"jsoftmax_{name}_bwd{'_from_input' if from_input else ''}{suffix}"
 
 

@@ -67,8 +67,12 @@ F32_ULPS = 16.0
 
 
 def _targets(hlo_text: str) -> set[str]:
-    """The jsoftmax custom-call targets in lowered StableHLO text."""
-    return set(re.findall(r"custom_call @(jsoftmax_\w+)", hlo_text))
+    """The jsoftmax custom-call targets in lowered StableHLO or compiled HLO text. A jitted
+    float32 reverse pass lowers both backward kernels behind a conditional on a saved scalar
+    (from the output where it is used, else from the input) that XLA folds: the compiled text
+    says which runs."""
+    found = re.findall(r'custom_call @(jsoftmax_\w+)|custom_call_target="(jsoftmax_\w+)"', hlo_text)
+    return {lowered or compiled for lowered, compiled in found}
 
 
 def _np(array) -> np.ndarray:
@@ -81,7 +85,8 @@ def _logits(shape, dtype="float32", seed=0, scale=3.0):
 
 
 def _value_and_vjp(monkeypatch, mode, name, x, g, axis=-1):
-    """(y, dx, StableHLO) of ``FUNCTIONS[name](x, axis)`` and its VJP at ``g``, jitted afresh."""
+    """(y, dx, compiled HLO) of ``FUNCTIONS[name](x, axis)`` and its VJP at ``g``, jitted
+    afresh."""
     monkeypatch.setenv(ENV, mode)
     fn = FUNCTIONS[name]
 
@@ -89,9 +94,9 @@ def _value_and_vjp(monkeypatch, mode, name, x, g, axis=-1):
         y, pullback = jax.vjp(lambda x: fn(x, axis=axis), x)
         return y, pullback(g)[0]
 
-    lowered = jax.jit(value_and_vjp).lower(x, g)
-    y, dx = lowered.compile()(x, g)
-    return _np(y), _np(dx), lowered.as_text()
+    compiled = jax.jit(value_and_vjp).lower(x, g).compile()
+    y, dx = compiled(x, g)
+    return _np(y), _np(dx), compiled.as_text()
 
 
 def _vjp_from_input(x, g, *, axes, log):
@@ -105,8 +110,8 @@ def _vjp_from_input(x, g, *, axes, log):
 
 def _both_backward_kernels(monkeypatch, name, x, y, g, axis=-1):
     """dx from each backward kernel, called directly: (from the input x, from the output y).
-    JAX's reverse mode runs one of them (from x for float32, from y for 16-bit storage), the
-    torch side the one from y; both stay checked at every dtype."""
+    JAX's reverse mode runs one of them (from x for a float32 gradient whose output is dead,
+    else from y), the torch side the one from y; both stay checked at every dtype."""
     monkeypatch.setenv(ENV, "on")
     axes = normalize_axes(axis, x.ndim, name)
     log = name != "softmax"
@@ -118,17 +123,11 @@ def _both_backward_kernels(monkeypatch, name, x, y, g, axis=-1):
     return _np(from_x.compile()(x, g)), _np(from_y.compile()(y, g))
 
 
-def _reverse_pass(name, dtype):
-    """The backward pass JAX's reverse mode lowers for an unmasked call: "bwd_from_input" or
-    "bwd" (the target's name after ``jsoftmax_<name>_``)."""
-    return reverse_kernel(name, dtype).removeprefix(f"jsoftmax_{name}_")
-
-
-def _assert_switched(name, hlo_on, hlo_off, passes=("fwd", "bwd_from_input"), optional=()):
-    # For float32, JAX's reverse mode saves the input and runs the backward kernel that starts
-    # from it (the default ``passes``); 16-bit storage and the torch side keep the output and run
-    # the one that starts from y ("bwd": callers pass ``_reverse_pass``). ``optional``:
-    # targets JAX may drop before lowering (the forward kernel when only a gradient is used).
+def _assert_switched(name, hlo_on, hlo_off, passes=("fwd", "bwd"), optional=()):
+    # A jitted call that returns the output and the gradient runs the forward kernel and the
+    # backward one from the output (the default ``passes``); a float32 gradient alone, the
+    # backward kernel from the input and no forward kernel. ``optional``: targets that may or
+    # may not remain.
     expected = {f"jsoftmax_{name}_{which}" for which in passes}
     allowed = expected | {f"jsoftmax_{name}_{which}" for which in optional}
     got = _targets(hlo_on)
@@ -306,8 +305,7 @@ def _check_against_xla_path(monkeypatch, name, dtype, shape, axis, seed, columns
     y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g, axis)
     y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g, axis)
     suffix = "_columns" if columns else ""
-    # Reverse mode saves the input for float32 (the backward kernel starts from x), the output
-    # for 16-bit storage.
+    # The output is returned: the backward kernel starts from it.
     expected = {f"jsoftmax_{name}_fwd{suffix}", reverse_kernel(name, dtype, suffix=suffix)}
     assert _targets(hlo_on) == expected, f"mode on lowered {_targets(hlo_on)}, not {expected}"
     assert not _targets(hlo_off), f"mode off still lowered {_targets(hlo_off)}"
@@ -372,7 +370,7 @@ def test_kernel_matches_xla_path_on_edge_rows(monkeypatch, name, dtype):
     g = _logits(x.shape, dtype, seed=3, scale=1.0)
     y_on, dx_on, hlo_on = _value_and_vjp(monkeypatch, "on", name, x, g)
     y_off, dx_off, hlo_off = _value_and_vjp(monkeypatch, "off", name, x, g)
-    _assert_switched(name, hlo_on, hlo_off, ("fwd", _reverse_pass(name, dtype)))
+    _assert_switched(name, hlo_on, hlo_off)
     dx_from_x, dx_from_y = _both_backward_kernels(monkeypatch, name, x, y_on, g)
     fwd_bound = _forward_bound(name, y_off, -1)
     bwd_bound = _backward_bound(name, y_off, g, -1, dtype)
@@ -610,8 +608,8 @@ def test_long_reduction_accuracy(monkeypatch, shape, axis, dtype):
 # 3. when the XLA path is kept, and when the kernels are lowered
 
 
-def _lowered_targets(fn, *args, **kwargs) -> set[str]:
-    return _targets(jax.jit(fn).lower(*args, **kwargs).as_text())
+def _compiled_targets(fn, *args, **kwargs) -> set[str]:
+    return _targets(jax.jit(fn).lower(*args, **kwargs).compile().as_text())
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -622,7 +620,7 @@ def test_float64_uses_xla_path(monkeypatch, name):
         assert x.dtype == jnp.float64
         assert not _kernel.eligible(x, (1,), None)
         fn = FUNCTIONS[name]
-        assert not _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x)[:, 0])), x)
+        assert not _compiled_targets(jax.grad(lambda x: jnp.sum(fn(x)[:, 0])), x)
         np.testing.assert_allclose(_np(fn(x)), REFERENCES[name](x), rtol=1e-12, atol=1e-14)
 
 
@@ -632,12 +630,11 @@ def test_non_trailing_axis_uses_xla_path(monkeypatch, name):
     x = _logits((33, 4))
     fn = FUNCTIONS[name]
     assert not _kernel.eligible(x, (0,), None)
-    assert not _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=0)[0])), x)
+    assert not _compiled_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=0)[0])), x)
     # The same 2-D input over its trailing axis does use the kernels (the check above can fail).
-    # (The gradient needs no output: JAX may drop the forward kernel before lowering.)
-    targets = _lowered_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=1)[0])), x)
-    assert f"jsoftmax_{name}_bwd_from_input" in targets
-    assert targets <= {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd_from_input"}
+    # (The gradient needs no output: one kernel from the input.)
+    targets = _compiled_targets(jax.grad(lambda x: jnp.sum(fn(x, axis=1)[0])), x)
+    assert targets == {f"jsoftmax_{name}_bwd_from_input"}
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -682,7 +679,7 @@ def test_empty_arrays_use_xla_path(monkeypatch, shape):
     x = jnp.zeros(shape, jnp.float32)
     assert not _kernel.eligible(x, (len(shape) - 1,), None)
     for name, fn in FUNCTIONS.items():
-        assert not _lowered_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x))), x), name
+        assert not _compiled_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x))), x), name
         assert fn(x).shape == shape
 
 
@@ -702,26 +699,26 @@ def test_lowering_for_cuda_has_no_cpu_kernel(monkeypatch, name):
     x = _logits((4, 17))
     jitted = jax.jit(jax.value_and_grad(lambda x: jnp.sum(fn(x)[:, 0])))
     cuda = jitted.trace(x).lower(lowering_platforms=("cuda",)).as_text()
-    cpu = jitted.trace(x).lower(lowering_platforms=("cpu",)).as_text()
+    cpu = jitted.trace(x).lower(lowering_platforms=("cpu",)).compile().as_text()
     assert not _targets(cuda), f"CUDA lowering calls the CPU kernels: {_targets(cuda)}"
-    assert _targets(cpu) == {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd_from_input"}
+    assert _targets(cpu) == {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd"}
 
 
 # --------------------------------------------------------------------------------------------
 # 4. transformations around the kernels
 
 
-def _in_both_modes(monkeypatch, name, make_fn, *args, required=("bwd_from_input",)):
+def _in_both_modes(monkeypatch, name, make_fn, *args, required=("fwd", "bwd")):
     """Outputs (numpy) of ``make_fn()`` jitted afresh with mode on and with mode off; checks that
-    "on" lowered the ``required`` kernels of ``name`` (and at most the forward besides) and "off"
-    none."""
+    "on" compiled the ``required`` kernels of ``name`` (and at most the other backward kernel
+    besides) and "off" none."""
     results = {}
     for mode in ("on", "off"):
         monkeypatch.setenv(ENV, mode)
-        lowered = jax.jit(make_fn()).lower(*args)
-        outputs = jax.tree_util.tree_map(_np, lowered.compile()(*args))
-        results[mode] = (lowered.as_text(), outputs)
-    optional = ("fwd", "bwd_from_input")
+        compiled = jax.jit(make_fn()).lower(*args).compile()
+        outputs = jax.tree_util.tree_map(_np, compiled(*args))
+        results[mode] = (compiled.as_text(), outputs)
+    optional = ("fwd", "bwd", "bwd_from_input")
     _assert_switched(name, results["on"][0], results["off"][0], required, optional=optional)
     return results["on"][1], results["off"][1]
 
@@ -856,7 +853,11 @@ def test_checkpoint(monkeypatch, name):
         # so checkpointing jsoftmax.softmax itself would reuse the first mode's trace.
         return jax.value_and_grad(lambda x: jnp.sum(w * jax.checkpoint(lambda x: fn(x))(x)))
 
-    (loss_on, grad_on), (loss_off, grad_off) = _in_both_modes(monkeypatch, name, make, x)
+    # The loss needs the forward kernel; the rematerialised call in the backward pass has a dead
+    # output, so it becomes the one kernel from the input.
+    required = ("fwd", "bwd_from_input")
+    results = _in_both_modes(monkeypatch, name, make, x, required=required)
+    (loss_on, grad_on), (loss_off, grad_off) = results
     np.testing.assert_allclose(loss_on, loss_off, rtol=1e-5, atol=1e-5)
     y = REFERENCES[name](x)
     _assert_close(grad_on, grad_off, _backward_bound(name, y, w, -1), "float32", "checkpoint")
@@ -899,11 +900,11 @@ def test_auto_with_several_devices_uses_xla_path(monkeypatch):
     monkeypatch.setenv(ENV, "auto")
     x = _logits((4, 17))
     for name, fn in FUNCTIONS.items():
-        assert not _lowered_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x)[:, 0])), x), name
+        assert not _compiled_targets(jax.grad(lambda x, fn=fn: jnp.sum(fn(x)[:, 0])), x), name
     assert jsoftmax.cpu_kernel_info()["single_cpu_device"] is False
     # The same call with "on" does lower the kernels (so the check above can fail).
     monkeypatch.setenv(ENV, "on")
-    assert _lowered_targets(lambda x: jsoftmax.softmax(x), x) == {"jsoftmax_softmax_fwd"}
+    assert _compiled_targets(lambda x: jsoftmax.softmax(x), x) == {"jsoftmax_softmax_fwd"}
 
 
 def _subprocess_env(**overrides: str) -> dict[str, str]:
@@ -933,8 +934,8 @@ PROBE = """
     import jsoftmax
 
     def targets(fn, x):
-        text = jax.jit(fn).lower(x).as_text()
-        return sorted(set(re.findall(r"custom_call @(jsoftmax_\\w+)", text)))
+        text = jax.jit(fn).lower(x).compile().as_text()
+        return sorted(set(re.findall(r'custom_call_target="(jsoftmax_\\w+)"', text)))
 
     x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 50)).astype(np.float32) * 3)
     x64 = np.asarray(x, np.float64)
@@ -1159,12 +1160,15 @@ def test_explicit_mesh_with_sharded_axes(monkeypatch, name, spec, axis, kernel):
         return y, pullback(g.astype(y.dtype))[0]
 
     with jax.set_mesh(mesh):
-        lowered = jax.jit(value_and_vjp).lower(xs)
-        y, dx = lowered.compile()(xs)
+        compiled = jax.jit(value_and_vjp).lower(xs).compile()
+        y, dx = compiled(xs)
     suffix = "_columns" if axis == (1,) else ""
-    backward = f"jsoftmax_{name}_bwd_from_input{suffix}"
+    backward = f"jsoftmax_{name}_bwd{suffix}"
     expected = {f"jsoftmax_{name}_fwd{suffix}", backward} if kernel else set()
-    assert _targets(lowered.as_text()) == expected
+    # After SPMD partitioning XLA keeps the conditional on the saved scalar (it then picks the
+    # backward kernel from the output at run time): the other one may remain in the text.
+    other = {f"jsoftmax_{name}_bwd_from_input{suffix}"} if kernel else set()
+    assert expected <= _targets(compiled.as_text()) <= expected | other
     assert y.sharding.spec == P(*spec)
     y_ref = REFERENCES[name](x, axis=axis)
     np.testing.assert_allclose(_np(y), y_ref, rtol=2e-6, atol=1e-6)

@@ -591,31 +591,38 @@ def test_reverse_mode_saves_one_array(name, masked):
     x = random_logits((3, 8), seed=33)
     where = jnp.arange(8) < 6 if masked else None
     residuals = _residuals(lambda a: fn(a, where=where), x)
-    # softmax / log_softmax: the output, or on the CPU kernel path (unmasked) the input itself;
-    # logsumexp: the probabilities, of x's shape.
-    assert [tuple(aval.shape) for aval, _ in residuals] == [(3, 8)], residuals
-    saves_input = name != "logsumexp" and not masked and _kernel.eligible(x, (1,), None)
-    assert ("argument" in residuals[0][1]) == saves_input, residuals
+    # softmax / log_softmax: the output; logsumexp: the probabilities, of x's shape. On the CPU
+    # kernel path (unmasked float32) also an int32 scalar saying whether the array is the output
+    # or the input: under jit, where the output is dead, the input replaces it
+    # (test_reverse_mode_starts_from_the_output_where_it_is_used_else_from_the_input).
+    kernel_path = name != "logsumexp" and not masked and _kernel.eligible(x, (1,), None)
+    arrays = [(tuple(aval.shape), why) for aval, why in residuals if aval.shape != ()]
+    scalars = [aval.dtype for aval, _ in residuals if aval.shape == ()]
+    assert [shape for shape, _ in arrays] == [(3, 8)], residuals
+    assert "argument" not in arrays[0][1], residuals
+    assert scalars == ([jnp.dtype(jnp.int32)] if kernel_path else []), residuals
     # The mask as an argument (not differentiated) adds nothing of its own.
     masked_arg = _residuals(lambda a, m: fn(a, where=m), x, jnp.arange(8) < 6)
     saved = [(tuple(aval.shape), why) for aval, why in masked_arg if "argument" not in why]
     assert [shape for shape, _ in saved] == [(3, 8)], masked_arg
-    # Under vmap: one batched array.
+    # Under vmap: one batched array (and the scalar, unbatched).
     batched = _residuals(jax.vmap(lambda a: fn(a, where=where)), jnp.stack([x, -x]))
-    assert [tuple(aval.shape) for aval, _ in batched] == [(2, 3, 8)], batched
+    batched_shapes = sorted(tuple(aval.shape) for aval, _ in batched)
+    assert batched_shapes == [(), (2, 3, 8)][1 - kernel_path :], batched
 
 
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_reverse_mode_saves_the_output_where_the_default_backend_is_not_cpu(name, monkeypatch):
     # On a GPU host the kernels are eligible (it has one CPU device) but its lowering takes the
-    # formulas: saving x there would only add a recomputation of y. (Shapes of their own: traces
-    # of the jitted functions are cached per shape, not per backend.)
+    # formulas: starting from x there would only add a recomputation of y, so the output alone is
+    # saved, without the scalar that lets jit swap in the input. (Shapes of their own: traces of
+    # the jitted functions are cached per shape, not per backend.)
     monkeypatch.setenv("JSOFTMAX_CPU_KERNEL", "on")
     fn = getattr(jsoftmax, name)
     cpu_x = random_logits((5, 23), seed=77)
     assert _kernel.eligible(cpu_x, (1,), None)
     on_cpu = _residuals(fn, cpu_x)
-    assert len(on_cpu) == 1 and "argument" in on_cpu[0][1], on_cpu  # the probe can fail
+    assert sorted(aval.shape for aval, _ in on_cpu) == [(), (5, 23)], on_cpu  # the probe can fail
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     residuals = _residuals(fn, random_logits((5, 29), seed=78))
     assert [tuple(aval.shape) for aval, _ in residuals] == [(5, 29)], residuals
@@ -694,11 +701,52 @@ def test_reverse_mode_runs_the_cpu_backward_kernel(name, masked, context, monkey
         derivative = jax.jit(KERNEL_CONTEXTS[context](scalar))
         return _kernel_targets(derivative.lower(x).compile().as_text())
 
-    # Unmasked calls save the input and start the backward kernel from it; masked ones the output.
-    backward = f"jsoftmax_{name}_bwd" if masked else f"jsoftmax_{name}_bwd_from_input"
-    assert backward in compiled_targets("on")
+    # Masked calls start the backward kernel from the output; unmasked ones from the output
+    # where it is used (here by _finite_part's mask), else from the input.
+    backward = {f"jsoftmax_{name}_bwd"} | (set() if masked else {f"jsoftmax_{name}_bwd_from_input"})
+    assert backward & compiled_targets("on")
     # The probe can fail: with the kernels off, no jsoftmax custom call is compiled.
     assert compiled_targets("off") == set()
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_reverse_mode_starts_from_the_output_where_it_is_used_else_from_the_input(name):
+    # Under jit, dead-code elimination tells whether the output is used: a gradient alone runs one
+    # kernel from x (no forward pass); the output and the gradient together run the forward
+    # kernel and the backward one from the output (no exponentials recomputed). Eagerly the
+    # saved array is the output and the backward pass reads the scalar saying so.
+    fn, reference = getattr(jsoftmax, name), getattr(jax.nn, name)
+    x = random_logits((6, 40), seed=91)
+    g = jnp.asarray(_rng_array((6, 40), 92), jnp.float32)
+
+    def pair(a, c):
+        out, pullback = jax.vjp(fn, a)
+        return out, pullback(c)[0]
+
+    gradient_alone = jax.jit(lambda a, c: jax.vjp(fn, a)[1](c)[0])
+    for jitted, expected in [
+        (gradient_alone, {f"jsoftmax_{name}_bwd_from_input"}),
+        (jax.jit(pair), {f"jsoftmax_{name}_fwd", f"jsoftmax_{name}_bwd"}),
+    ]:
+        text = jitted.lower(x, g).compile().as_text()
+        assert _kernel_targets(text) == expected
+        assert "conditional" not in text  # the branch not taken is compiled away
+    expected_dx = jax.vjp(reference, x)[1](g)[0]
+    for got in (gradient_alone(x, g), jax.jit(pair)(x, g)[1], pair(x, g)[1]):
+        np.testing.assert_allclose(got, expected_dx, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(pair)(x, g)[0], reference(x), rtol=2e-6, atol=2e-6)
+    # Forward mode with the output dead, and the input-or-output switch under vmap and grad.
+    t = jnp.asarray(_rng_array((6, 40), 93), jnp.float32)
+    tangent_alone = jax.jit(lambda a, v: jax.jvp(fn, (a,), (v,))[1])
+    expected_t = jax.jvp(reference, (x,), (t,))[1]
+    np.testing.assert_allclose(tangent_alone(x, t), expected_t, rtol=2e-6, atol=2e-6)
+    batched = jax.jit(jax.vmap(lambda a, c: jax.vjp(fn, a)[1](c)[0]))
+    np.testing.assert_allclose(
+        batched(jnp.stack([x, -x]), jnp.stack([g, g])),
+        jnp.stack([expected_dx, jax.vjp(reference, -x)[1](g)[0]]),
+        rtol=2e-6,
+        atol=2e-6,
+    )
 
 
 @pytest.mark.parametrize("name", NORMALIZER_NAMES)
@@ -857,7 +905,8 @@ def test_private_custom_call_probe_detects_the_kernels():
     # the kernels, forward and backward.
     x = random_logits((3, 6), seed=42)
     text = jax.jit(jax.grad(_first_scalar(jsoftmax.softmax))).lower(x).as_text()
-    expected = {"jsoftmax_softmax_fwd", "jsoftmax_softmax_bwd_from_input"}
+    # Both backward kernels, behind a conditional on the saved scalar that XLA folds away.
+    expected = {"jsoftmax_softmax_fwd", "jsoftmax_softmax_bwd", "jsoftmax_softmax_bwd_from_input"}
     assert set(_private_custom_calls(text)) == expected
 
 
@@ -872,10 +921,16 @@ def test_rule_registries_jsoftmax_relies_on():
 
     primitives = (
         _primitives.normalize_p, _primitives.tangent_p, _primitives.logsumexp_p,
-        _primitives.label_stats_p, _primitives.label_tangent_p,
+        _primitives.label_stats_p, _primitives.label_tangent_p, _primitives.residual_p,
     )  # fmt: skip
     for primitive in primitives:
         assert primitive in ad.primitive_jvps
+    # jit's dead-code elimination consults partial_eval.dce_rules (its effect, the residual
+    # swapped for the input, is pinned by
+    # test_reverse_mode_starts_from_the_output_where_it_is_used_else_from_the_input).
+    from jax.interpreters import partial_eval
+
+    assert partial_eval.dce_rules[_primitives.residual_p] is _primitives._residual_dce
     # batching.primitive_batchers is write-only in jax 0.10 (a proxy that wraps the rule into
     # the private fancy_primitive_batchers): the rule is pinned by its effect instead, one
     # primitive over the batched array with the reduced axis moved up, no loop.
