@@ -581,8 +581,8 @@ def test_long_reduction_accuracy(monkeypatch, shape, axis, dtype):
             backward = reverse_kernel(name, dtype, suffix=suffix)
             expected = {f"jsoftmax_{name}_fwd{suffix}", backward}
             assert _targets(hlo) == (expected if mode == "on" else set()), _targets(hlo)
-            # Both backward kernels, whichever reverse mode ran above: from the input (float32's
-            # reverse mode) and from the output (16-bit's, and the torch side's).
+            # Both backward kernels, whichever reverse mode ran above: from the input (a float32
+            # gradient whose output is dead) and from the output (the run above, the torch side).
             dx_from_x = dx_from_y = dx
             if mode == "on":
                 dx_from_x, dx_from_y = _both_backward_kernels(monkeypatch, name, x, y, g, axis)
