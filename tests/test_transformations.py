@@ -735,7 +735,7 @@ def test_reverse_mode_starts_from_the_output_where_it_is_used_else_from_the_inpu
     for got in (gradient_alone(x, g), jax.jit(pair)(x, g)[1], pair(x, g)[1]):
         np.testing.assert_allclose(got, expected_dx, rtol=2e-6, atol=2e-6)
     np.testing.assert_allclose(jax.jit(pair)(x, g)[0], reference(x), rtol=2e-6, atol=2e-6)
-    # Forward mode with the output dead, and the input-or-output switch under vmap and grad.
+    # Forward mode with the output dead, and the input-or-output switch under vmap.
     t = jnp.asarray(_rng_array((6, 40), 93), jnp.float32)
     tangent_alone = jax.jit(lambda a, v: jax.jvp(fn, (a,), (v,))[1])
     expected_t = jax.jvp(reference, (x,), (t,))[1]
@@ -747,6 +747,23 @@ def test_reverse_mode_starts_from_the_output_where_it_is_used_else_from_the_inpu
         rtol=2e-6,
         atol=2e-6,
     )
+    # Forward over reverse (Hessian-vector products), with the residual decided before the
+    # forward pass (jax.checkpoint's rematerialised call has a dead output) and after it.
+    w = jnp.asarray(_rng_array((6, 40), 94), jnp.float32)
+
+    def hvp(f, remat, outer):
+        inner = jax.checkpoint(f) if remat else f
+        gradient = jax.grad(lambda a: jnp.sum(w * outer(inner(a))))
+        return jax.jit(lambda a, v: jax.jvp(gradient, (a,), (v,))[1])
+
+    for remat in (False, True):
+        for outer in (jnp.tanh, lambda y: jnp.where(jnp.isfinite(y), y, 0.0)):
+            np.testing.assert_allclose(
+                hvp(fn, remat, outer)(x, t),
+                hvp(reference, remat, outer)(x, t),
+                rtol=1e-4,
+                atol=1e-5,
+            )
 
 
 @pytest.mark.parametrize("name", NORMALIZER_NAMES)
