@@ -1129,6 +1129,49 @@ def test_cpu_kernel_info_in_this_process():
     assert info["single_cpu_device"] is (len(jax.devices("cpu")) == 1)
 
 
+_AFFINITY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, time
+    import jax, jax.numpy as jnp, numpy as np
+    import jsoftmax
+
+    def masks():
+        return {tid: sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")}
+
+    allowed = sorted(os.sched_getaffinity(0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(512, 4096)), jnp.float32)
+    fns = [jax.jit(jsoftmax.softmax), jax.jit(jsoftmax.log_softmax)]
+    before = masks()
+    for i in range(300):
+        time.sleep(0.001 * (i % 3))  # idle gaps: the pool thread's wake-up lands on either CPU
+        fns[i % 2](x).block_until_ready()
+    after = masks()
+    print(json.dumps({"allowed": allowed, "before": before, "after": after}))
+    """
+)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+    reason="the helper threads move between CPUs only on Linux with two or more CPUs allowed",
+)
+@pytest.mark.parametrize("spread", ["1", "0"])
+def test_kernel_threads_keep_their_cpu_affinity(spread):
+    # A helper task of the kernels that finds itself on the calling thread's CPU narrows its own
+    # affinity for the length of its share (parallel_rows in kernels.cc); every thread of the
+    # process must have its mask back after the calls, with JSOFTMAX_CPU_SPREAD on and off.
+    env = dict(os.environ, JSOFTMAX_CPU_KERNEL="on", JSOFTMAX_CPU_SPREAD=spread)
+    result = subprocess.run(
+        [sys.executable, "-c", _AFFINITY_SCRIPT], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    allowed = report["allowed"]
+    assert report["before"] and report["after"]
+    changed = {tid: mask for tid, mask in report["after"].items() if mask != allowed}
+    assert not changed, f"threads left with another CPU mask than {allowed}: {changed}"
+
+
 # Issue: with JSOFTMAX_CPU_KERNEL=on, an Explicit mesh with a sharded reduced axis crashed in the
 # kernel's reshape (ShardingTypeError); leading axes may be sharded and keep the kernels.
 EXPLICIT_SHARDING_CASES = [

@@ -36,6 +36,7 @@
 #endif
 
 #if defined(__linux__)
+#include <sched.h>
 #include <sys/mman.h>
 #endif
 
@@ -792,9 +793,50 @@ void ce_backward_row(const typename S::T* x, const float* stats, float scale, in
   });
 }
 
+// Whether helper tasks move off the calling thread's CPU (see parallel_rows).
+// JSOFTMAX_CPU_SPREAD=0, read once per process, turns it off.
+bool spread_wanted() {
+  static const bool wanted = [] {
+    const char* value = std::getenv("JSOFTMAX_CPU_SPREAD");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return wanted;
+}
+
+// Runs a helper task's share of parallel_rows off the CPU that the calling thread runs on. When
+// the caller wakes a pool thread, Linux may queue it on the caller's own CPU (the CPU the
+// thread last ran on, or the waker's) although another is idle, and it can stay there for the
+// whole call: two threads then share one core. On a 2-core machine (jax's CPU client between
+// Python calls) this happened to whole runs of calls: bf16 16384x1000 softmax took 5.8 ms a call,
+// the one-core time, instead of 3.0 (NOTES, session 9). A helper that finds itself on the caller's
+// CPU narrows its own affinity to the other allowed CPUs, which moves it at once, and restores the
+// mask when its share is done; pool threads on other CPUs are left alone.
+template <class F>
+void run_off_cpu(int caller_cpu, F&& work) {
+#if defined(__linux__)
+  cpu_set_t allowed;
+  if (caller_cpu >= 0 && caller_cpu < CPU_SETSIZE && sched_getcpu() == caller_cpu &&
+      sched_getaffinity(0, sizeof(allowed), &allowed) == 0 && CPU_ISSET(caller_cpu, &allowed) &&
+      CPU_COUNT(&allowed) > 1) {
+    cpu_set_t others = allowed;
+    CPU_CLR(caller_cpu, &others);
+    if (sched_setaffinity(0, sizeof(others), &others) == 0) {
+      work();
+      sched_setaffinity(0, sizeof(allowed), &allowed);
+      return;
+    }
+  }
+#else
+  (void)caller_cpu;
+#endif
+  work();
+}
+
 // Splits rows [0, rows) into chunks taken from a shared counter by the calling thread and by
 // tasks on XLA's pool. The caller alone can finish every chunk, so a busy pool only costs
 // parallelism; a task that starts after all chunks are taken touches nothing but the counters.
+// After scheduling the tasks the caller yields once, so that a task queued on its own CPU starts
+// (and moves away: run_off_cpu) before the caller takes the first chunk.
 template <class F>
 void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& body) {
   const int64_t work = rows * std::max<int64_t>(row_len, 1);
@@ -817,7 +859,16 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& bod
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run]() { run(); });
+#if defined(__linux__)
+  const int caller_cpu = spread_wanted() ? sched_getcpu() : -1;
+#else
+  const int caller_cpu = -1;
+#endif
+  for (int64_t t = 1; t < threads; ++t)
+    pool.Schedule([run, caller_cpu]() { run_off_cpu(caller_cpu, run); });
+#if defined(__linux__)
+  if (caller_cpu >= 0) sched_yield();
+#endif
   run();
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
