@@ -1151,6 +1151,7 @@ _AFFINITY_SCRIPT = textwrap.dedent(
     for i in range(300):
         time.sleep(0.001 * (i % 3))  # idle gaps: the pool thread's wake-up lands on either CPU
         fns[i % 2](x).block_until_ready()
+    time.sleep(0.2)  # a task that starts after its call returned takes no rows but may still move
     after = masks()
     print(json.dumps({"allowed": allowed, "before": before, "after": after}))
     """
