@@ -506,11 +506,15 @@ ad.primitive_transposes[label_tangent_p] = _label_tangent_transpose
 # vmap: the batch dimension goes first; the reduced axes move up by one
 
 
-def _batch(primitive: Primitive, args, dims, *, axes, **params):
+def _to_front(args, dims) -> list:
+    """The operands with the batch dimension first (an unbatched one broadcast along it)."""
     size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    moved = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
+    return [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
+
+
+def _batch(primitive: Primitive, args, dims, *, axes, **params):
     shifted_axes = tuple(a + 1 for a in axes)
-    return primitive.bind(*moved, axes=shifted_axes, **params), 0
+    return primitive.bind(*_to_front(args, dims), axes=shifted_axes, **params), 0
 
 
 for _primitive in (normalize_p, logsumexp_p):
@@ -528,10 +532,8 @@ def _batch_tangent(args, dims, *, axes, **params):
     y, t, *mode = args
     if mode and dims[2] is not None:
         raise NotImplementedError("jsoftmax: the residual's mode cannot be batched")
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=False) if d is not None)
-    moved = [batching.bdim_at_front(a, d, size) for a, d in zip((y, t), dims, strict=False)]
     shifted_axes = tuple(a + 1 for a in axes)
-    return tangent_p.bind(*moved, *mode, axes=shifted_axes, **params), 0
+    return tangent_p.bind(*_to_front((y, t), dims[:2]), *mode, axes=shifted_axes, **params), 0
 
 
 batching.primitive_batchers[residual_p] = _batch_residual
@@ -541,9 +543,7 @@ batching.primitive_batchers[tangent_p] = _batch_tangent
 def _batch_rows(primitive: Primitive, args, dims, **params):
     """The label primitives work on rows (the last axis) under any leading axes: the batch
     dimension goes first."""
-    size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
-    moved = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims, strict=True)]
-    return primitive.bind(*moved, **params), 0
+    return primitive.bind(*_to_front(args, dims), **params), 0
 
 
 for _primitive in (label_stats_p, label_tangent_p):

@@ -161,6 +161,7 @@ struct F32 {
   static constexpr float kNegOverflow = -kInf;
   static constexpr float kLowest = -0x1.fffffep+127f;  // the most negative finite value
   static constexpr bool kPairs = false;
+  static constexpr bool kCheapLoad = true;
 };
 
 struct BF16 {
@@ -209,6 +210,9 @@ struct BF16 {
 #else
   static constexpr bool kPairs = false;
 #endif
+  // Converting the row again in each pass instead of reading a float32 copy: 1024x4096 to
+  // 16384x1000, one thread, AVX-512 without BF16, 20-25% slower (forward_copies).
+  static constexpr bool kCheapLoad = false;
   static float to_float(T v) {
     const uint32_t bits = uint32_t(v) << 16;
     float f;
@@ -256,6 +260,13 @@ struct F16 {
   static float to_float(T v) { return float(v); }
   static T from_float(float v) { return T(v); }
   static constexpr bool kPairs = false;
+  // Whether load() costs little enough that a pass may convert the row again rather than read a
+  // float32 copy (forward_copies): with AVX-512, one instruction per vector.
+#if defined(__AVX512F__)
+  static constexpr bool kCheapLoad = true;
+#else
+  static constexpr bool kCheapLoad = false;
+#endif
 };
 
 // Partial blocks (the last < kLanes entries of a row): padded loads, prefix stores. AVX-512:
@@ -496,17 +507,46 @@ void log_forward_pairs(const typename S::T* x, typename S::T* y, int64_t n, floa
   });
 }
 
+// log_softmax's passes after the scan from a row of storage L (float32: the input itself or the
+// 16-bit row's copy; else the 16-bit row, converted again in each pass) into y.
+template <class L, class S>
+void log_forward_passes(const typename L::T* x, typename S::T* y, int64_t n, float m,
+                        const typename S::T* next) {
+  const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
+    if (next != nullptr) __builtin_prefetch(next + i);
+    return vexp(load_block<L>(x + i, count, -kInf) - m);
+  });
+  const float log_sum = float(std::log(sum));
+  for_blocks<L>(x, n, -kInf, [&](vf v, int64_t i, int64_t count) {
+    store_block<S>(y + i, (v - m) - log_sum, count);
+  });
+}
+
+// Whether the forward pass copies a row of 16-bit storage to float32 scratch (n floats) in its
+// scan, for the later passes to read. softmax does (its exponentials go there too); log_softmax
+// with load_pair never does (log_forward_pairs); otherwise log_softmax does unless the storage
+// has kCheapLoad, the rows have at least 4096 entries and the array more than 2^21: rows that
+// come from memory then run faster converted again in each pass (float16, one thread, copy /
+// none, AVX512-BF16 build: 4096x4096 6.2 / 5.6 ms, 256x32768 3.3 / 3.0, 1024x4096 1.33-1.52 /
+// 1.36; but 16384x1000 5.6 / 6.1, 8192x2048 5.4 / 5.9, 64x4096 0.076-0.085 / 0.084-0.091,
+// 512x4096 0.65 / 0.66; the AVX2 build gains nothing either way).
+template <class S, bool kLog>
+bool forward_copies(int64_t n, int64_t entries) {
+  if constexpr (std::is_same_v<typename S::T, float> || (kLog && S::kPairs))
+    return false;
+  else
+    return !kLog || !S::kCheapLoad || n < 4096 || entries <= (int64_t(1) << 21);
+}
+
+// `scratch`: n floats where forward_copies says so, else unused (may be null).
 template <class S, bool kLog>
 void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scratch,
                  const typename S::T* next) {
-  // 16-bit storage: the row is converted once, in the scan, into `scratch` (float32), which the
-  // later passes read instead (and the softmax's exponentials overwrite); log_softmax with
-  // load_pair reads the 16-bit row instead (log_forward_pairs).
   constexpr bool kWide = std::is_same_v<typename S::T, float>;
   constexpr bool kLogPairs = kLog && S::kPairs;
-  const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
+  const bool copy = !kWide && !kLogPairs && scratch != nullptr;
   float m = 0.0f;
-  switch (scan_row<S>(x, n, &m, (kWide || kLogPairs) ? nullptr : scratch)) {
+  switch (scan_row<S>(x, n, &m, copy ? scratch : nullptr)) {
     case RowKind::kNaN:
       return fill_row<S>(y, n, kNaN);
     case RowKind::kEmpty:
@@ -516,27 +556,21 @@ void forward_row(const typename S::T* x, typename S::T* y, int64_t n, float* scr
     case RowKind::kNormal:
       break;
   }
-  // While this row is computed from cache, the next one is fetched from memory: one prefetch per
-  // block of the exp pass covers the next row's cache lines.
-  auto prefetch_next = [&](int64_t i) {
-    if (next != nullptr) __builtin_prefetch(next + i);
-  };
   if constexpr (kLogPairs) {
     log_forward_pairs<S>(x, y, n, m, next);
   } else if constexpr (kLog) {
-    const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
-      prefetch_next(i);
-      return vexp(load_block<F32>(xf + i, count, -kInf) - m);
-    });
-    const float log_sum = float(std::log(sum));
-    for_blocks<F32>(xf, n, -kInf, [&](vf v, int64_t i, int64_t count) {
-      store_block<S>(y + i, (v - m) - log_sum, count);
-    });
+    if (kWide || !copy)
+      log_forward_passes<S, S>(x, y, n, m, next);
+    else
+      log_forward_passes<F32, S>(scratch, y, n, m, next);
   } else {
-    // Exponentials go to the output when it is float32 (no double rounding), else to scratch.
+    // While this row is computed from cache, the next one is fetched from memory: one prefetch
+    // per block of the exp pass covers the next row's cache lines. Exponentials go to the output
+    // when it is float32 (no double rounding), else to scratch.
+    const float* xf = kWide ? reinterpret_cast<const float*>(x) : scratch;
     float* e = kWide ? reinterpret_cast<float*>(y) : scratch;
     const double sum = blocked_sum(n, [&](int64_t i, int64_t count) {
-      prefetch_next(i);
+      if (next != nullptr) __builtin_prefetch(next + i);
       const vf ev = vexp(load_block<F32>(xf + i, count, -kInf) - m);
       store_block<F32>(e + i, ev, count);
       return ev;
@@ -793,14 +827,26 @@ void ce_backward_row(const typename S::T* x, const float* stats, float scale, in
   });
 }
 
+// Whether the environment variable `name` leaves a switch on: unset or anything but "0".
+bool switch_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 // Whether helper tasks move off the calling thread's CPU (see parallel_rows).
 // JSOFTMAX_CPU_SPREAD=0, read once per process, turns it off.
 bool spread_wanted() {
-  static const bool wanted = [] {
-    const char* value = std::getenv("JSOFTMAX_CPU_SPREAD");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool wanted = switch_on("JSOFTMAX_CPU_SPREAD");
   return wanted;
+}
+
+// The CPU the calling thread runs on, or -1 where that is not known (or not wanted).
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
 }
 
 // Runs a helper task's share of parallel_rows off the CPU that the calling thread runs on. When
@@ -859,16 +905,10 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& bod
       state->done.fetch_add(1, std::memory_order_release);
     }
   };
-#if defined(__linux__)
-  const int caller_cpu = spread_wanted() ? sched_getcpu() : -1;
-#else
-  const int caller_cpu = -1;
-#endif
+  const int caller_cpu = spread_wanted() ? current_cpu() : -1;
   for (int64_t t = 1; t < threads; ++t)
     pool.Schedule([run, caller_cpu]() { run_off_cpu(caller_cpu, run); });
-#if defined(__linux__)
-  if (caller_cpu >= 0) sched_yield();
-#endif
+  if (caller_cpu >= 0) std::this_thread::yield();
   run();
   while (state->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
@@ -878,10 +918,7 @@ void parallel_rows(ffi::ThreadPool& pool, int64_t rows, int64_t row_len, F&& bod
 // cut that (advice only: no value changes, ignored where THP is off). JSOFTMAX_CPU_HUGE_PAGES=0,
 // read once per process, turns it off.
 bool huge_pages_wanted() {
-  static const bool wanted = [] {
-    const char* value = std::getenv("JSOFTMAX_CPU_HUGE_PAGES");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
+  static const bool wanted = switch_on("JSOFTMAX_CPU_HUGE_PAGES");
   return wanted;
 }
 
@@ -1084,9 +1121,10 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
           forward_columns<S, kLog>(xp + offset, yp + offset, c);
         }
       } else {
-        std::vector<float> scratch(std::is_same_v<T, float> ? 0 : l.n);
+        const bool copies = forward_copies<S, kLog>(l.n, l.units * l.n);
+        std::vector<float> scratch(copies ? l.n : 0);
         for (int64_t r = u0; r < u1; ++r)
-          forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, scratch.data(),
+          forward_row<S, kLog>(xp + r * l.n, yp + r * l.n, l.n, copies ? scratch.data() : nullptr,
                                r + 1 < u1 ? xp + (r + 1) * l.n : nullptr);
       }
     });
