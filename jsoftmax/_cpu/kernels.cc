@@ -153,8 +153,8 @@ inline vf vexp(vf x) {
 // per-block lambdas out of line instead in the AVX2 build (16-bit log_softmax forward 20-30%
 // slower). Flattened, with results bit-identical (C++ harness, one thread, medians of 21, two to
 // four runs): the AVX2 build's passes 0-36% faster (softmax forward 11-17%, log_softmax backward
-// 18-22%); the AVX512-BF16 build's bfloat16 passes 2-20% faster with BF16::load's widening load,
-// its float16 and float32 passes level (within +-5%, the spread of the runs).
+// 18-22%); in the AVX512-BF16 build, with BF16::load's widening load, the bfloat16 forward passes
+// 2-20% faster and its backward passes 0-8%, float16 and float32 level (within +-5%, the spread).
 #define JSOFTMAX_ROW_FUNCTION __attribute__((flatten))
 
 // Storage types. Each provides full and partial loads to float32 lanes and rounding stores.
@@ -172,7 +172,6 @@ struct F32 {
   static constexpr float kNegOverflow = -kInf;
   static constexpr float kLowest = -0x1.fffffep+127f;  // the most negative finite value
   static constexpr bool kPairs = false;
-  static constexpr bool kCheapLoad = true;
 };
 
 struct BF16 {
