@@ -180,9 +180,8 @@ struct BF16 {
   static constexpr float kLowest = -0x1.fep+127f;
   // The 16-bit words widened to 32 bits and shifted into the high half: one widening load and a
   // shift. __builtin_convertvector(vh, vu) compiled to a load, two half-width widenings and an
-  // insert before the shift (AVX2 and AVX-512 alike); with the widening load, the AVX512-BF16
-  // build's bfloat16 forward passes ran 2-12% faster and the log_softmax backward pass 6-16%
-  // (the harness of JSOFTMAX_ROW_FUNCTION's figures, results bit-identical).
+  // insert before the shift (AVX2 and AVX-512 alike). Measured together with the inlining of
+  // the row functions: the bfloat16 figures at JSOFTMAX_ROW_FUNCTION.
   static vf load(const T* p) {
 #if defined(__AVX512F__)
     const __m512i words =
