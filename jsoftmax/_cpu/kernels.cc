@@ -66,23 +66,41 @@ constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 inline vf splat(float v) { return vf{} + v; }
 
+// Lane reductions as a tree of halves: lane i with lane i + width/2, then the same on the halves
+// (the pairing of the lane loops they replace, so sums are bit-identical). GCC compiled those
+// loops as a serial chain of fifteen scalar maxima and, for float64 lanes, a loop through the
+// stack: a few tens of nanoseconds per row (16384x1000 float16 log_softmax forward, one thread,
+// 5% of the time).
+template <class V, size_t... I>
+inline auto lower_half(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, I...);
+}
+template <class V, size_t... I>
+inline auto upper_half(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I + sizeof...(I))...);
+}
+template <class V, class Op>
+inline auto reduce_lanes(V v, Op op) {
+  constexpr size_t kWidth = sizeof(V) / sizeof(v[0]);
+  if constexpr (kWidth == 1) {
+    return v[0];
+  } else {
+    constexpr auto half = std::make_index_sequence<kWidth / 2>{};
+    return reduce_lanes(op(lower_half(v, half), upper_half(v, half)), op);
+  }
+}
+
+// The largest lane; lanes must not be NaN (the scan's running maxima never are).
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  return reduce_lanes(v, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 inline float hsum(vf v) {
-  // Pairwise over the lanes.
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) v[i] += v[i + width];
-  return v[0];
+  return reduce_lanes(v, [](auto a, auto b) { return a + b; });
 }
 
 inline double hsum(vd v) {
-  for (int width = kLanes / 2; width > 0; width /= 2)
-    for (int i = 0; i < width; ++i) v[i] += v[i + width];
-  return v[0];
+  return reduce_lanes(v, [](auto a, auto b) { return a + b; });
 }
 
 inline vd widen(vf v) { return __builtin_convertvector(v, vd); }
